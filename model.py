@@ -1,0 +1,507 @@
+"""
+A tiny Llama-style GPT in one file, with an explicit per-head KV cache that really shrinks.
+
+Read top to bottom: config, the pieces of a block (RMSNorm, RoPE, attention, SwiGLU MLP), the
+KV cache, the model, generation, and checkpoints. Every budget in this project is per
+(layer, KV head): with grouped-query attention (GQA) the cache stores each KV head once and
+its group of query heads reads it together.
+
+    python model.py            # load the shipped checkpoint and print its size and cache bytes
+
+Shapes: B batch, L layers, H KV heads, G query heads per KV head, T tokens, D head dim,
+C model width, V vocabulary.
+"""
+
+import hashlib
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4097  # BPE ranks + <|endoftext|>
+    block_size: int = 4096  # longest sequence RoPE tables are built for
+    n_layer: int = 6
+    n_head: int = 8  # query heads
+    n_kv_head: int = 4  # KV heads; n_head // n_kv_head query heads share one (GQA)
+    n_embd: int = 256
+    mlp_hidden: int = 704  # SwiGLU width, about 8/3 * n_embd rounded to a multiple of 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # the output head reuses the token embedding
+
+    def __post_init__(self):
+        assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}"
+        assert self.n_head % self.n_kv_head == 0, \
+            f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head} (grouped-query attention)"
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def group(self):
+        return self.n_head // self.n_kv_head
+
+
+# -----------------------------------------------------------------------------
+# the pieces of a block
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(cfg, device=None):
+    """cos and sin of shape (block_size, D) in the Hugging Face Llama layout (two halves)."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    angles = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, heads, T, D) by the angles of its positions; cos/sin are (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+def attention_probs(q, k, mask):
+    """The slow, explicit attention weights that every probe and the cache reference use.
+
+    q (B, H, G, Tq, D), k (B, H, Tk, D), mask (Tq, Tk) or (B, H, 1, 1, Tk) bool (True = may attend)
+    returns (B, H, G, Tq, Tk) float32.
+    """
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", q.float(), k.float()) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
+# enable_gqa arrived in PyTorch 2.5; without it the KV heads are repeated for their groups
+try:
+    _x = torch.zeros(1, 2, 1, 2)
+    F.scaled_dot_product_attention(_x, _x[:, :1], _x[:, :1], enable_gqa=True)
+    SDPA_HAS_GQA = True
+except TypeError:
+    SDPA_HAS_GQA = False
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        D = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * D, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * D, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, probe=None):
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, G, D = cfg.n_kv_head, cfg.group, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H * G, D).transpose(1, 2)  # (B, H*G, T, D)
+        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None and cache.seen > 0:
+            # decode: one new token; its K/V go into the cache, then it attends to every row kept
+            assert T == 1, f"decode takes one token at a time, got {T} (GPT.forward splits longer inputs)"
+            cache.append(self.layer_idx, k[:, :, 0], v[:, :, 0])
+            y, probs = cache.attend(self.layer_idx, q[:, :, 0].view(B, H, G, D), need_probs=probe is not None)
+            if probe is not None:
+                probe.record_decode(self.layer_idx, probs)  # (B, H, G, rows)
+            y = y.reshape(B, 1, H * G * D)  # (B, 1, H*G*D)
+        else:
+            # full causal attention over the prompt (training, the uncached twin, and prefill)
+            if SDPA_HAS_GQA:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)  # (B, H*G, T, D)
+            else:  # older PyTorch: repeat each KV head for its group
+                y = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
+            y = y.transpose(1, 2).reshape(B, T, H * G * D)  # (B, T, H*G*D)
+            if cache is not None:
+                cache.prefill(self.layer_idx, k, v)
+            if probe is not None and probe.query_pos is not None:
+                qp = probe.query_pos
+                mask = torch.arange(T, device=x.device)[None, :] <= qp[:, None]  # (Tq, T) causal
+                qsel = q[:, :, qp].view(B, H, G, len(qp), D)  # (B, H, G, Tq, D)
+                probe.prefill_attn[self.layer_idx] = attention_probs(qsel, k, mask)  # (B, H, G, Tq, T)
+        if probe is not None and probe.keep_values:
+            probe.values[self.layer_idx] = v.detach()  # (B, H, T, D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, probe=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, probe)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# -----------------------------------------------------------------------------
+# the KV cache: packed rows, a length per (layer, batch, KV head)
+
+
+class KVCache:
+    """A KV cache in which every (layer, batch row, KV head) keeps its own number of tokens.
+
+    Memory layout, one set per layer l (rows of all heads packed back to back, no padding):
+
+        k[l], v[l]   (N_l, D)   head (b, h) owns rows start[l, b, h] ... start + capacity - 1;
+                                the first length[l, b, h] of them are its tokens, in ascending
+                                token order, the rest are spare rows for appends.
+        pos[l]       (N_l,)     int64, the original token position of every row, so one can
+                                always ask which tokens a head still holds.
+        start, length, capacity (L, B, H) int64
+
+    N_l = sum of capacities. `keep` allocates new, smaller storage and copies only the kept rows
+    into it, so evicting really frees memory (masking would not). `append` writes one row per
+    head in place, O(B * H * D) bytes, and only re-packs when a head's spare rows run out.
+
+    Verbs: prefill (the prompt's K/V), append (one decoded token), keep (eviction entry point),
+    attend (one decode step). `nbytes()` reports what K and V occupy.
+    """
+
+    def __init__(self, cfg, batch_size, device="cpu", dtype=torch.float32, slack=32):
+        self.cfg, self.B, self.device, self.dtype = cfg, batch_size, torch.device(device), dtype
+        self.slack = slack  # spare rows per head after prefill / keep / re-pack
+        L, B, H = cfg.n_layer, batch_size, cfg.n_kv_head
+        self.k = [None] * L
+        self.v = [None] * L
+        self.pos = [None] * L
+        self.start = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
+        self.length = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
+        self.capacity = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
+        self.seen = 0  # tokens fed so far = the position of the next token
+
+    # -- storage helpers
+
+    def _allocate(self, layer, capacity):
+        """Fresh packed storage for a layer with the given per-head capacities (B, H)."""
+        cap = capacity.flatten()  # (B*H,)
+        start = torch.cumsum(cap, 0) - cap  # exclusive prefix sum: where each head begins
+        n_rows = int(cap.sum())
+        D = self.cfg.head_dim
+        self.k[layer] = torch.empty(n_rows, D, dtype=self.dtype, device=self.device)
+        self.v[layer] = torch.empty(n_rows, D, dtype=self.dtype, device=self.device)
+        self.pos[layer] = torch.full((n_rows,), -1, dtype=torch.long, device=self.device)
+        self.start[layer] = start.view(self.B, -1)
+        self.capacity[layer] = capacity
+
+    def _rows(self, layer, idx):
+        """Packed row numbers of per-head token slots idx (B, H, K) -> (B, H, K)."""
+        return self.start[layer][..., None] + idx
+
+    def _move(self, layer, src_rows, dst_counts, new_capacity, valid):
+        """Copy rows src_rows (B, H, K) [valid] into fresh storage; dst_counts (B, H) per head."""
+        old_k, old_v, old_pos = self.k[layer], self.v[layer], self.pos[layer]
+        self._allocate(layer, new_capacity)
+        K = src_rows.shape[-1]
+        dst_rows = self._rows(layer, torch.arange(K, device=self.device).expand_as(src_rows))
+        src, dst = src_rows[valid], dst_rows[valid]  # (n_kept,) each, head-major, ascending
+        self.k[layer][dst] = old_k[src]
+        self.v[layer][dst] = old_v[src]
+        self.pos[layer][dst] = old_pos[src]
+        self.length[layer] = dst_counts
+
+    # -- the verbs
+
+    def prefill(self, layer, k, v):
+        """Store a prompt's keys and values, k and v (B, H, T, D), for one layer."""
+        B, H, T, D = k.shape
+        assert (B, H, D) == (self.B, self.cfg.n_kv_head, self.cfg.head_dim), \
+            f"prefill expects (B={self.B}, H={self.cfg.n_kv_head}, T, D={self.cfg.head_dim}), got {tuple(k.shape)}"
+        self._allocate(layer, torch.full((B, H), T + self.slack, dtype=torch.long, device=self.device))
+        rows = self._rows(layer, torch.arange(T, device=self.device).expand(B, H, T))  # (B, H, T)
+        self.k[layer][rows] = k.to(self.dtype)
+        self.v[layer][rows] = v.to(self.dtype)
+        self.pos[layer][rows] = torch.arange(T, device=self.device).expand(B, H, T)
+        self.length[layer] = T
+        if layer == self.cfg.n_layer - 1:
+            self.seen = T
+
+    def append(self, layer, k, v):
+        """Write one decoded token's k and v (B, H, D) at the end of every head's rows."""
+        if bool((self.length[layer] >= self.capacity[layer]).any()):
+            # a head is full: re-pack this layer with fresh spare rows (amortised, not every step)
+            idx = torch.arange(int(self.length[layer].max()), device=self.device)
+            valid = idx < self.length[layer][..., None]  # (B, H, K)
+            src = self._rows(layer, idx.expand(*valid.shape))
+            self._move(layer, src, self.length[layer].clone(), self.length[layer] + self.slack, valid)
+        row = self.start[layer] + self.length[layer]  # (B, H)
+        self.k[layer][row] = k.to(self.dtype)
+        self.v[layer][row] = v.to(self.dtype)
+        self.pos[layer][row] = self.seen
+        self.length[layer] += 1
+        if layer == self.cfg.n_layer - 1:
+            self.seen += 1
+
+    def keep(self, layer, kept_idx, counts=None):
+        """Evict: keep only the given token slots of every head, in ascending order.
+
+        kept_idx (B, H, K) int64: slots (0 .. length-1) each head keeps; only the first
+        counts[b, h] entries of a row are read when counts (B, H) is given (rows of
+        different lengths, padded). Any order; duplicates and out-of-range slots are refused.
+        """
+        B, H = self.B, self.cfg.n_kv_head
+        if kept_idx.dim() != 3 or kept_idx.shape[:2] != (B, H):
+            raise ValueError(f"kept_idx must have shape (B={B}, H={H}, K), got {tuple(kept_idx.shape)}")
+        if kept_idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"kept_idx must hold integer slots, got dtype {kept_idx.dtype}")
+        kept_idx = kept_idx.to(self.device, torch.long)
+        K = kept_idx.shape[-1]
+        counts = torch.full((B, H), K, dtype=torch.long, device=self.device) if counts is None \
+            else counts.to(self.device, torch.long)
+        if counts.shape != (B, H):
+            raise ValueError(f"counts must have shape (B={B}, H={H}), got {tuple(counts.shape)}")
+        length = self.length[layer]
+        if bool((counts < 0).any()) or bool((counts > K).any()) or bool((counts > length).any()):
+            bad = (counts > length).nonzero()
+            raise ValueError(f"layer {layer}: each head keeps between 0 and its length tokens "
+                             f"(and at most K={K}); got counts {counts.tolist()} for lengths {length.tolist()}"
+                             + (f", first offending head (b, h) = {bad[0].tolist()}" if len(bad) else ""))
+        valid = torch.arange(K, device=self.device) < counts[..., None]  # (B, H, K)
+        if bool(((kept_idx < 0) | (kept_idx >= length[..., None]))[valid].any()):
+            raise ValueError(f"layer {layer}: kept slots must lie in [0, length) of their head; "
+                             f"got min {int(kept_idx[valid].min())}, max {int(kept_idx[valid].max())} "
+                             f"for lengths {length.tolist()}")
+        # sort each row (invalid entries last), then refuse duplicates
+        big = torch.iinfo(torch.long).max
+        ordered = torch.sort(kept_idx.masked_fill(~valid, big), dim=-1).values
+        if bool(((ordered[..., 1:] == ordered[..., :-1]) & valid[..., 1:]).any()):
+            raise ValueError(f"layer {layer}: kept slots of a head must be distinct; got duplicates")
+        src = self._rows(layer, ordered.masked_fill(~valid, 0))
+        self._move(layer, src, counts, counts + self.slack, valid)
+
+    def attend(self, layer, q, need_probs=False):
+        """One decode step: q (B, H, G, D) attends to each head's own rows -> (B, H, G, D).
+
+        This is the reference (pad each head to the longest, mask the rest); kernels.py has
+        the fast version that reads the packed rows directly.
+        """
+        K = int(self.length[layer].max())
+        slots = torch.arange(K, device=self.device)
+        valid = slots < self.length[layer][..., None]  # (B, H, K)
+        rows = self._rows(layer, slots.expand(*valid.shape)).clamp(max=self.k[layer].shape[0] - 1)
+        keys, values = self.k[layer][rows], self.v[layer][rows]  # (B, H, K, D) each
+        probs = attention_probs(q[:, :, :, None], keys, valid[:, :, None, None])[:, :, :, 0]  # (B, H, G, K)
+        out = torch.einsum("bhgk,bhkd->bhgd", probs, values.float()).to(q.dtype)  # (B, H, G, D)
+        return out, (probs if need_probs else None)
+
+    # -- inspection
+
+    def kept_positions(self, layer, b, h):
+        """The original token positions head (b, h) of a layer still holds, ascending."""
+        s, n = int(self.start[layer, b, h]), int(self.length[layer, b, h])
+        return self.pos[layer][s:s + n]
+
+    def nbytes(self, allocated=False):
+        """Bytes of K and V held: rows in use, or (allocated=True) all rows incl. spare ones."""
+        rows = int(self.capacity.sum()) if allocated else int(self.length.sum())
+        return 2 * rows * self.cfg.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+
+@dataclass
+class Probe:
+    """What the method needs to see inside attention, filled in by the one attention code path.
+
+    query_pos: positions whose attention weights to all earlier tokens the prefill records
+    (SnapKV's observation window); decode: record every step's weights to all cached rows
+    (the oracle). keep_values: record each layer's value vectors (B, H, T, D).
+    """
+    query_pos: torch.Tensor = None
+    decode: bool = False
+    keep_values: bool = False
+    prefill_attn: dict = field(default_factory=dict)  # layer -> (B, H, G, Tq, T)
+    decode_attn: list = field(default_factory=list)  # step -> {layer: (B, H, G, rows)}
+    values: dict = field(default_factory=dict)  # layer -> (B, H, T, D)
+
+    def record_decode(self, layer, probs):
+        if not self.decode:
+            return
+        if layer == 0:
+            self.decode_attn.append({})
+        self.decode_attn[-1][layer] = probs
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        for name, p in module.named_parameters(recurse=False):
+            if name == "weight" and isinstance(module, nn.Linear) and module.out_features == self.cfg.n_embd:
+                # residual projections (o_proj, down_proj) start small, as in GPT-2
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, cache=None, probe=None, loss_weights=None):
+        """idx (B, T) -> logits (B, T, V).
+
+        No cache: the plain causal forward (training, and the slow twin of cached decoding).
+        Empty cache: the same forward, and every layer's K/V is stored (prefill).
+        Filled cache: the tokens are decoded one at a time against the cache.
+        """
+        B, T = idx.shape
+        if cache is not None and cache.seen > 0:
+            if T > 1:  # decode longer inputs token by token
+                return torch.cat([self(idx[:, t:t + 1], cache=cache, probe=probe) for t in range(T)], dim=1)
+            start = cache.seen
+        else:
+            start = 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of "
+                             f"{self.cfg.block_size}; shorten the prompt")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, probe)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits
+        losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=-1, reduction="none")
+        if loss_weights is None:
+            return logits, losses.mean()
+        w = loss_weights.reshape(-1)
+        return logits, (losses * w).sum() / w.sum().clamp(min=1e-8)
+
+    def o_proj_heads(self, layer):
+        """Each query head's slice of the output projection: (H, G, C, D), W_O[h] in the paper."""
+        cfg = self.cfg
+        w = self.layers[layer].self_attn.o_proj.weight  # (C, H*G*D)
+        return w.view(cfg.n_embd, cfg.n_kv_head, cfg.group, cfg.head_dim).permute(1, 2, 0, 3)
+
+    def new_cache(self, batch_size=1, slack=32):
+        p = self.embed_tokens.weight
+        return KVCache(self.cfg, batch_size, device=p.device, dtype=p.dtype, slack=slack)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, cache=None, temperature=0.0, stop_token=None, generator=None):
+        """Feed idx (B, T) through the cache (prefill or continue), then sample new tokens.
+
+        Greedy when temperature == 0. Returns (new tokens (B, <= max_new_tokens), cache).
+        """
+        cache = cache if cache is not None else self.new_cache(idx.shape[0])
+        logits = self(idx, cache=cache)[:, -1]  # (B, V)
+        out = []
+        for _ in range(max_new_tokens):
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+            else:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            out.append(nxt)
+            if stop_token is not None and bool((nxt == stop_token).all()):
+                break
+            logits = self(nxt, cache=cache)[:, -1]
+        return torch.cat(out, dim=1), cache
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: weights, config, the tokenizer's hash, and how they were made
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "tiny.pt")
+
+
+def save_checkpoint(path, model, tokenizer_path, meta):
+    """Write fp16 weights (the shipped file stays small), the config and the tokenizer's sha256."""
+    with open(tokenizer_path, "rb") as f:
+        tok_sha = hashlib.sha256(f.read()).hexdigest()
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.basename(tokenizer_path))
+    if os.path.abspath(tokenizer_path) != beside:
+        shutil.copyfile(tokenizer_path, beside)  # the tokenizer always travels with its checkpoint
+    state = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    tmp = path + ".tmp"
+    torch.save({"config": asdict(model.cfg), "model": state, "tokenizer_sha256": tok_sha,
+                "tokenizer_file": os.path.basename(tokenizer_path), "meta": meta}, tmp)
+    os.replace(tmp, path)  # atomic: a crash never leaves half a checkpoint
+
+
+def load_checkpoint(path=DEFAULT_CHECKPOINT, device="cpu", dtype=torch.float32):
+    """Load (model, tokenizer, meta); the tokenizer is the .tiktoken file saved beside it."""
+    from tasks import load_tokenizer
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}. The tiny model ships in checkpoints/; to make "
+                                f"one: python train_tiny.py --smoke (CPU, a minute) or see README.md")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        cfg = GPTConfig(**ckpt["config"])
+    except Exception as e:  # torch raises many kinds of errors on a damaged file
+        raise RuntimeError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); it may be "
+                           f"truncated or not a checkpoint of this project: restore it with git checkout "
+                           f"or retrain with train_tiny.py") from None
+    model = GPT(cfg)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not cfg.tie_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match GPT({cfg}): missing {missing}, unexpected {unexpected}")
+    model.to(device=device, dtype=dtype).eval()
+    tok_path = os.path.join(os.path.dirname(path), ckpt["tokenizer_file"])
+    enc = load_tokenizer(tok_path, expected_sha256=ckpt["tokenizer_sha256"])
+    if enc.n_vocab != cfg.vocab_size:
+        raise ValueError(f"tokenizer {tok_path} has {enc.n_vocab} tokens, the checkpoint expects {cfg.vocab_size}")
+    return model, enc, ckpt["meta"]
+
+
+if __name__ == "__main__":
+    model, enc, meta = load_checkpoint()
+    print(f"loaded {DEFAULT_CHECKPOINT}: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
+    ids = torch.tensor([enc.encode_ordinary("Alice lives in Paris. Alice lives in")])
+    new, cache = model.generate(ids, 3)
+    print(repr(enc.decode(new[0].tolist())), f"cache: {cache.nbytes()} bytes of K/V")

@@ -1,0 +1,464 @@
+"""
+The tokenizer and a RULER-style synthetic long-context task suite, all generated here.
+
+Nothing is downloaded: a small byte-level BPE is trained on text this file generates and is
+loaded into `tiktoken.Encoding` (GPT-2's split pattern, one <|endoftext|> special token); the
+ranks are saved in tiktoken's rank-file format next to the checkpoint.
+
+The text has two kinds of structure, so that heads specialise:
+- local: sentences from a small grammar in which a noun decides its verb and its adjectives;
+- long-range: each document has a cast of characters whose home, job and pet never change and
+  are mentioned again later, plus events (who did what, where, when) stated once.
+
+Task families (each example is a context, a question and an answer, so that a context can be
+compressed before the question is seen, the paper's query-agnostic setting):
+  niah_single, niah_multikey, niah_multivalue, niah_multiquery  (needles in the prose)
+  vt  (variable tracking: chains of VAR X = Y)
+  cwe, fwe  (common- and frequent-words extraction, the aggregation families)
+  qa  (questions about facts in the prose: the *calibration* family for offline profiling,
+       kept apart from the evaluation families above)
+
+    python tasks.py --show niah_multikey --length 1024   # print one example
+    python tasks.py --train-tokenizer checkpoints/tiny.tiktoken
+"""
+
+import argparse
+import base64
+import hashlib
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import regex
+import tiktoken
+
+# -----------------------------------------------------------------------------
+# word pools (small on purpose: a tiny model learns single-token anchors quickly)
+
+NAMES = ("Alice Bob Carol David Emma Frank Grace Henry Ivy Jack Kate Liam Mia Noah Olga Paul "
+         "Quinn Rose Sam Tara Uma Victor Wendy Yara Zack Anna Ben Clara Dan Eva Finn Gina Hugo "
+         "Iris Jon Lena Max Nora Otto Pia Ruth Saul Tom Vera Walt").split()
+CITIES = ("Paris Rome Oslo Lima Cairo Delhi Tokyo Berlin Madrid Vienna Dublin Prague Athens "
+          "Lisbon Warsaw Sofia Riga Quito Hanoi Seoul Milan Lyon Bonn Bern Porto Perth").split()
+JOBS = "baker teacher doctor farmer pilot painter writer nurse singer tailor sailor miner judge cook clerk poet".split()
+PETS = "cat dog horse parrot rabbit goat turtle owl mouse pony hamster lizard".split()
+OBJECTS = "lamp book chair coat ring map cup rope kite drum bell hat vase clock knife sword mirror basket".split()
+PLACES = "market garden station library harbor bakery school temple bridge museum forest castle tower village".split()
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+VERBS = dict(pair.split("/") for pair in  # base form -> past tense
+             "buy/bought find/found paint/painted sell/sold lose/lost fix/fixed carry/carried hide/hid clean/cleaned borrow/borrowed".split())
+
+# the local grammar: each noun class has its own verbs and adjectives
+GRAMMAR = {
+    "animal": ("fox wolf bear deer hare crow swan frog".split(),
+               "runs sleeps jumps hunts hides waits".split(),
+               "quick sly brown wild small grey".split()),
+    "water": ("river lake stream sea pond brook".split(),
+              "flows shines rises glitters freezes".split(),
+              "cold deep calm blue clear".split()),
+    "plant": ("oak pine rose fern tree vine".split(),
+              "grows blooms sways withers".split(),
+              "green tall old young thin".split()),
+    "weather": ("wind rain snow storm fog cloud".split(),
+                "blows falls drifts passes fades".split(),
+                "strong light heavy dark soft".split()),
+}
+PREPS = "near over past beside under behind".split()
+SCENERY = "hill field road wall house meadow valley gate".split()
+
+KEYS = ("apple banana cherry grape lemon mango melon olive peach pear plum berry walnut "
+        "almond pepper ginger garlic onion carrot potato tomato violet tulip daisy lily "
+        "orchid cactus maple cedar willow bamboo copper silver golden iron marble crystal "
+        "amber jade ruby pearl coral ivory velvet silk cotton linen wool leather paper "
+        "glass stone brick candle lantern compass anchor arrow hammer ladder pillow blanket "
+        "kettle spoon fork plate bowl bottle jar button needle thread wagon sled canoe "
+        "violin piano guitar flute trumpet harp cello banjo tiger lion zebra panda koala "
+        "camel eagle falcon raven sparrow dolphin whale shark salmon oyster lobster").split()
+CWE_WORDS = ("able acid aged also area army away baby back ball band bank base bath bean beat "
+             "belt bird blow blue boat body bone boot born boss both bowl bulk burn bush busy "
+             "cake call calm camp card care cart case cash cast cell chat chip city club coal "
+             "coat code cold cool copy core cost crew crop dark data date dawn deal dear debt "
+             "deck deep desk dial diet disk dock door dose down draw drew drop drug dual duke "
+             "dust duty earn east easy edge else even ever exit face fact fail fair fall farm "
+             "fast fate fear feed feel file fill film fine fire firm fish five flag flat flow").split()
+# pseudo-words (consonant-vowel-consonant) for variable names and coded words
+_CONS, _VOWS = "bdfgklmnprstvz", "aeiou"
+CODED = [c1 + v + c2 for c1 in _CONS for v in _VOWS for c2 in "kmnprstx"][::7]  # 140 words
+VAR_NAMES = [w.upper() for w in CODED[::2]]  # 70 upper-case names
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+EOT = "<|endoftext|>"
+
+# -----------------------------------------------------------------------------
+# the tokenizer: byte-level BPE trained here, served by tiktoken
+
+
+def train_bpe(text, vocab_size):
+    """Byte-level BPE (minbpe's algorithm) on the GPT-2 pre-split; returns {token_bytes: rank}.
+
+    Merges are learned on the table of distinct pre-split chunks weighted by their counts,
+    which is exact and fast because generated text repeats the same few hundred words.
+    """
+    assert vocab_size > 256, f"vocab_size must exceed the 256 byte tokens, got {vocab_size}"
+    chunks = Counter(regex.findall(GPT2_PATTERN, text))
+    words = [[bytes([b]) for b in chunk.encode("utf-8")] for chunk in chunks]
+    counts = list(chunks.values())
+    ranks = {bytes([b]): b for b in range(256)}
+    while len(ranks) < vocab_size:
+        pairs = Counter()
+        for word, count in zip(words, counts):
+            for pair in zip(word, word[1:]):
+                pairs[pair] += count
+        if not pairs:
+            break  # every chunk is one token already
+        # most frequent pair; ties go to the smaller byte string so training is deterministic
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merged = best[0] + best[1]
+        if merged not in ranks:
+            ranks[merged] = len(ranks)
+        for word in words:
+            i = 0
+            while i < len(word) - 1:
+                if (word[i], word[i + 1]) == best:
+                    word[i:i + 2] = [merged]
+                i += 1
+    return ranks
+
+
+def save_ranks(ranks, path):
+    """Write tiktoken's rank-file format: one `base64(token) rank` line per token."""
+    with open(path, "w") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+
+
+def load_tokenizer(path, expected_sha256=None):
+    """Load a rank file into a tiktoken.Encoding; refuse one that does not match a checkpoint."""
+    try:
+        data = open(path, "rb").read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer file {path} not found; it ships next to the checkpoint "
+                                f"(make one with: python tasks.py --train-tokenizer {path})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ValueError(f"tokenizer {path} has sha256 {digest[:12]}..., but the checkpoint was trained "
+                         f"with {expected_sha256[:12]}...; use the .tiktoken file saved with that checkpoint")
+    ranks = {}
+    for line in data.decode().splitlines():
+        token, rank = line.split()
+        ranks[base64.b64decode(token)] = int(rank)
+    enc = tiktoken.Encoding(name="lukv-tiny", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={EOT: len(ranks)})
+    enc.sha256 = digest
+    return enc
+
+
+def tokenizer_corpus(seed=0, n_docs=300):
+    """Text to train the BPE on: every family at a few lengths, plus each pool word many times."""
+    rng = random.Random(seed)
+    parts = []
+    for i in range(n_docs):
+        family = FAMILIES[i % len(FAMILIES)]
+        ex = make_example(family, rng, n_tokens=rng.choice([256, 512]), n_questions=3)
+        parts.append(ex.context + "".join(q + a + "\n" for q, a in ex.qa))
+    pools = NAMES + CITIES + JOBS + PETS + OBJECTS + PLACES + DAYS + list(VERBS) + list(VERBS.values()) + KEYS + CWE_WORDS + CODED + VAR_NAMES
+    for g in GRAMMAR.values():
+        pools += g[0] + g[1] + g[2]
+    numbers = [str(n) for n in range(100, 1000)]
+    parts.append(" ".join(pools * 30) + " " + " ".join(numbers * 30))
+    return "\n".join(parts)
+
+
+# -----------------------------------------------------------------------------
+# the prose: a cast of characters, events, and grammar sentences
+
+
+@dataclass
+class Character:
+    name: str
+    city: str
+    job: str
+    pet: str
+
+
+@dataclass
+class Event:
+    name: str
+    verb: str
+    obj: str
+    place: str
+    day: str
+
+
+def make_cast(rng, n):
+    names = rng.sample(NAMES, n)
+    return [Character(nm, rng.choice(CITIES), rng.choice(JOBS), rng.choice(PETS)) for nm in names]
+
+
+def make_events(rng, cast, n):
+    """Events with distinct (name, verb, object) and distinct (verb, object, place), so each
+    question about them has exactly one answer."""
+    events, seen_nvo, seen_vop = [], set(), set()
+    while len(events) < n:
+        e = Event(rng.choice(cast).name, rng.choice(list(VERBS)), rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(DAYS))
+        if (e.name, e.verb, e.obj) in seen_nvo or (e.verb, e.obj, e.place) in seen_vop:
+            continue
+        seen_nvo.add((e.name, e.verb, e.obj))
+        seen_vop.add((e.verb, e.obj, e.place))
+        events.append(e)
+    return events
+
+
+def fact_sentence(rng, c):
+    return rng.choice([f"{c.name} lives in {c.city}.", f"{c.name} works as a {c.job}.",
+                       f"{c.name} has a {c.pet}."])
+
+
+def mention_sentence(rng, c, cast):
+    """A later mention that repeats a fixed attribute: predicting it needs a look far back."""
+    other = rng.choice([o for o in cast if o is not c] or cast)
+    return rng.choice([f"{c.name} the {c.job} met {other.name} in {c.city}.",
+                       f"{c.name} walked the {c.pet} with {other.name}.",
+                       f"In {c.city}, {c.name} spoke with {other.name} the {other.job}."])
+
+
+def event_sentence(e):
+    return f"On {e.day}, {e.name} {VERBS[e.verb]} a {e.obj} in the {e.place}."
+
+
+def grammar_sentence(rng):
+    """The local structure: the noun picks its verb and adjective from its own class."""
+    nouns, verbs, adjs = GRAMMAR[rng.choice(list(GRAMMAR))]
+    return f"The {rng.choice(adjs)} {rng.choice(nouns)} {rng.choice(verbs)} {rng.choice(PREPS)} the {rng.choice(SCENERY)}."
+
+
+def prose_sentences(rng, n_words, cast=None, events=()):
+    """About n_words of prose: facts first, mentions and events spread through, grammar between."""
+    cast = cast or make_cast(rng, rng.randint(3, 6))
+    out, words = [], 0
+    pending = [fact_sentence(rng, c) for c in cast] + [event_sentence(e) for e in events]
+    rng.shuffle(pending)
+    # place every pending fact/event in the first 90% so each is stated before being asked about
+    while words < n_words:
+        r = rng.random()
+        if pending and (r < 0.25 or words > 0.9 * n_words):
+            s = pending.pop()
+        elif r < 0.5:
+            s = mention_sentence(rng, rng.choice(cast), cast)
+        else:
+            s = grammar_sentence(rng)
+        out.append(s)
+        words += s.count(" ") + 1
+    return out + pending, cast
+
+
+def insert_at_random_depths(rng, sentences, inserts):
+    """Insert sentences at random depths, keeping the order of `inserts`."""
+    slots = sorted(rng.randrange(len(sentences) + 1) for _ in inserts)
+    out = list(sentences)
+    for offset, (slot, s) in enumerate(zip(slots, inserts)):
+        out.insert(slot + offset, s)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# the task families
+
+# words per BPE token with the shipped tokenizer (measured: prose 0.86, word lists 1.0), so that
+# n_tokens asks for a context of about that many tokens
+WORDS_PER_TOKEN = {"cwe": 1.0, "fwe": 1.0}
+PROSE_WORDS_PER_TOKEN = 0.86
+
+
+@dataclass
+class Example:
+    family: str
+    context: str
+    qa: list  # [(question, answer)]; evaluation uses the first, training may use several
+
+
+def needle(k, v):
+    return f"The special magic number for {k} is {v}."
+
+
+def niah(rng, n_words, n_keys, n_values, n_questions, multiquery=False):
+    keys = rng.sample(KEYS, n_keys)
+    values = {k: rng.sample(range(100, 1000), n_values) for k in keys}
+    needles = [(k, v) for k in keys for v in values[k]]
+    rng.shuffle(needles)
+    haystack, _ = prose_sentences(rng, n_words)
+    context = " ".join(insert_at_random_depths(rng, haystack, [needle(k, v) for k, v in needles]))
+    # values of one key are listed in the order they appear in the context
+    order = {k: [v for kk, v in needles if kk == k] for k in keys}
+    qa = []
+    asked = rng.sample(keys, min(n_questions, n_keys)) if not multiquery else None
+    if multiquery:
+        for _ in range(n_questions):
+            ks = rng.sample(keys, min(len(keys), rng.randint(2, 4)))
+            q = f"\nQuestion: What are the special magic numbers for {' '.join(ks)}?\nAnswer:"
+            qa.append((q, " " + " ;".join(f" {k} is {order[k][0]}" for k in ks).strip()))
+    elif n_values == 1:
+        for k in asked:
+            qa.append((f"\nQuestion: What is the special magic number for {k}?\n"
+                       f"Answer: The special magic number for {k} is", f" {order[k][0]}"))
+    else:
+        for k in asked:
+            qa.append((f"\nQuestion: What are all the special magic numbers for {k}?\n"
+                       f"Answer: The special magic numbers for {k} are", " " + " ".join(map(str, order[k]))))
+    return context, qa
+
+
+def make_niah_single(rng, n_words, n_questions):
+    return niah(rng, n_words, 1, 1, 1)
+
+
+def make_niah_multikey(rng, n_words, n_questions):
+    return niah(rng, n_words, rng.randint(4, 8), 1, n_questions)
+
+
+def make_niah_multivalue(rng, n_words, n_questions):
+    return niah(rng, n_words, rng.randint(1, 2), 4, n_questions)
+
+
+def make_niah_multiquery(rng, n_words, n_questions):
+    return niah(rng, n_words, 4, 1, n_questions, multiquery=True)
+
+
+def make_vt(rng, n_words, n_questions, n_chains=2, n_hops=3):
+    """Variable tracking: VAR A = 123 then VAR B = A ...; which variables hold 123?"""
+    names = rng.sample(VAR_NAMES, n_chains * (n_hops + 1))
+    values = rng.sample(range(100, 1000), n_chains)
+    chains = [names[i * (n_hops + 1):(i + 1) * (n_hops + 1)] for i in range(n_chains)]
+    statements = []
+    for chain, value in zip(chains, values):
+        stmts = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = {a}." for a, b in zip(chain, chain[1:])]
+        statements.append(stmts)
+    # interleave the chains, each kept in order
+    merged = []
+    while any(statements):
+        s = rng.choice([s for s in statements if s])
+        merged.append(s.pop(0))
+    haystack, _ = prose_sentences(rng, n_words)
+    context = " ".join(insert_at_random_depths(rng, haystack, merged))
+    qa = []
+    for i in rng.sample(range(n_chains), min(n_questions, n_chains)):
+        qa.append((f"\nQuestion: Find all variables that are assigned the value {values[i]}.\n"
+                   f"Answer: The variables are", " " + " ".join(chains[i])))
+    return context, qa
+
+
+def make_cwe(rng, n_words, n_questions, n_common=5):
+    """Common words: n_common words appear n_each times each, every other word at most half that."""
+    words = rng.sample(CWE_WORDS, len(CWE_WORDS))
+    common, rare = words[:n_common], words[n_common:]
+    n_each = max(4, n_words // 25)
+    n_rare = max(0, n_words - n_common * n_each)
+    # deal the rare words round-robin, so no rare word passes ceil(n_rare / len(rare)) <= n_each / 2
+    seq = [w for w in common for _ in range(n_each)] + [rare[i % len(rare)] for i in range(n_rare)]
+    rng.shuffle(seq)
+    context = "Below is a list of words. " + " ".join(seq) + "."
+    q = (f"\nQuestion: What are the {n_common} most common words in the list?\n"
+         f"Answer: The most common words are")
+    return context, [(q, " " + " ".join(sorted(common)))]
+
+
+def make_fwe(rng, n_words, n_questions, alpha=2.0):
+    """Frequent words: coded words drawn from a Zipf law; which three appear most often?"""
+    vocab = rng.sample(CODED, 40)
+    weights = [1.0 / (i + 1) ** alpha for i in range(len(vocab))]
+    seq = rng.choices(vocab, weights=weights, k=n_words)
+    ranked = Counter(seq).most_common()
+    # keep examples whose top three are strictly ordered, so the answer is unique
+    while len(ranked) < 4 or not (ranked[0][1] > ranked[1][1] > ranked[2][1] > ranked[3][1]):
+        seq = rng.choices(vocab, weights=weights, k=n_words)
+        ranked = Counter(seq).most_common()
+    context = "Read the following coded text. " + " ".join(seq) + "."
+    q = ("\nQuestion: What are the three most frequent coded words in the text?\n"
+         "Answer: The three most frequent coded words are")
+    return context, [(q, " " + " ".join(w for w, _ in ranked[:3]))]
+
+
+def make_qa(rng, n_words, n_questions):
+    """Calibration family: prose with events; who did what, where, when, and facts of the cast."""
+    cast = make_cast(rng, rng.randint(4, 7))
+    events = make_events(rng, cast, rng.randint(4, 8))
+    sentences, _ = prose_sentences(rng, n_words, cast, events)
+    context = " ".join(sentences)
+    questions = []
+    for e in events:  # verb is the base form; VERBS[verb] its past tense
+        past = VERBS[e.verb]
+        questions += [
+            (f"\nQuestion: What did {e.name} {e.verb} on {e.day}?\nAnswer: On {e.day}, {e.name} {past} a", f" {e.obj}"),
+            (f"\nQuestion: Who {past} a {e.obj} in the {e.place}?\nAnswer:", f" {e.name}"),
+            (f"\nQuestion: When did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} the {e.obj} on", f" {e.day}"),
+            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} the {e.obj} in the", f" {e.place}"),
+        ]
+    for c in cast:
+        questions += [
+            (f"\nQuestion: Where does {c.name} live?\nAnswer: {c.name} lives in", f" {c.city}"),
+            (f"\nQuestion: What is the job of {c.name}?\nAnswer: {c.name} works as a", f" {c.job}"),
+            (f"\nQuestion: Which pet does {c.name} have?\nAnswer: {c.name} has a", f" {c.pet}"),
+        ]
+    rng.shuffle(questions)
+    return context, questions[:n_questions]
+
+
+GENERATORS = {
+    "niah_single": make_niah_single,
+    "niah_multikey": make_niah_multikey,
+    "niah_multivalue": make_niah_multivalue,
+    "niah_multiquery": make_niah_multiquery,
+    "vt": make_vt,
+    "cwe": make_cwe,
+    "fwe": make_fwe,
+    "qa": make_qa,
+}
+FAMILIES = list(GENERATORS)
+EVAL_FAMILIES = [f for f in FAMILIES if f != "qa"]  # qa is the calibration source
+RETRIEVAL_FAMILIES = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt"]
+SET_FAMILIES = {"niah_multivalue", "cwe"}  # answers whose order does not matter
+
+
+def make_example(family, rng, n_tokens, n_questions=1):
+    """One example whose context is about n_tokens long (exact length depends on the BPE)."""
+    if family not in GENERATORS:
+        raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
+    if n_tokens < 64:
+        raise ValueError(f"n_tokens must be at least 64 for a context with a haystack, got {n_tokens}")
+    context, qa = GENERATORS[family](rng, int(n_tokens * WORDS_PER_TOKEN.get(family, PROSE_WORDS_PER_TOKEN)),
+                                     n_questions)
+    return Example(family, context, qa)
+
+
+def example_set(family, n, n_tokens, seed):
+    """n deterministic evaluation examples (one question each) of one family."""
+    rng = random.Random(f"{family}-{n_tokens}-{seed}")
+    return [make_example(family, rng, n_tokens) for _ in range(n)]
+
+
+def exact_match(family, prediction, answer):
+    """Exact match of the generated answer; order-free for the set-valued families."""
+    pred, ans = prediction.strip().rstrip("."), answer.strip()
+    if family in SET_FAMILIES:
+        return sorted(pred.split()) == sorted(ans.split())
+    return pred == ans
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--show", choices=FAMILIES, help="print one example of this family")
+    parser.add_argument("--length", type=int, default=1024, help="context length in tokens (approximate)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-tokenizer", metavar="PATH", help="train the BPE and write its rank file here")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary incl. the 256 bytes")
+    args = parser.parse_args()
+    if args.train_tokenizer:
+        ranks = train_bpe(tokenizer_corpus(args.seed), args.vocab_size)
+        save_ranks(ranks, args.train_tokenizer)
+        enc = load_tokenizer(args.train_tokenizer)
+        print(f"wrote {len(ranks)} ranks to {args.train_tokenizer} (sha256 {enc.sha256[:12]})")
+    if args.show:
+        ex = make_example(args.show, random.Random(args.seed), args.length)
+        print(ex.context, ex.qa[0][0], "|", ex.qa[0][1])
