@@ -94,15 +94,6 @@ def attention_probs(q, k, mask):
     return torch.softmax(scores, dim=-1)
 
 
-# enable_gqa arrived in PyTorch 2.5; without it the KV heads are repeated for their groups
-try:
-    _x = torch.zeros(1, 2, 1, 2)
-    F.scaled_dot_product_attention(_x, _x[:, :1], _x[:, :1], enable_gqa=True)
-    SDPA_HAS_GQA = True
-except TypeError:
-    SDPA_HAS_GQA = False
-
-
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx):
         super().__init__()
@@ -132,10 +123,9 @@ class Attention(nn.Module):
             y = y.reshape(B, 1, H * G * D)  # (B, 1, H*G*D)
         else:
             # full causal attention over the prompt (training, the uncached twin, and prefill)
-            if SDPA_HAS_GQA:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)  # (B, H*G, T, D)
-            else:  # older PyTorch: repeat each KV head for its group
-                y = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
+            # each KV head is repeated for its G query heads so every PyTorch version takes its flash kernel
+            kr, vr = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H*G, T, D)
+            y = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)  # (B, H*G, T, D)
             y = y.transpose(1, 2).reshape(B, T, H * G * D)  # (B, T, H*G*D)
             if cache is not None:
                 cache.prefill(self.layer_idx, k, v)
