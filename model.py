@@ -313,6 +313,22 @@ class KVCache:
         out = torch.einsum("bhgk,bhkd->bhgd", probs, values.float()).to(q.dtype)  # (B, H, G, D)
         return out, (probs if need_probs else None)
 
+    def clone(self):
+        """An independent copy (the evaluation compresses one prefilled cache many ways)."""
+        other = KVCache.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
+        other.k = [t.clone() if t is not None else None for t in self.k]
+        other.v = [t.clone() if t is not None else None for t in self.v]
+        other.pos = [t.clone() if t is not None else None for t in self.pos]
+        other.start, other.length, other.capacity = self.start.clone(), self.length.clone(), self.capacity.clone()
+        return other
+
+    def keys(self, layer, b=0):
+        """Keys of every head of batch row b, (H, T, D), when all heads hold the same T tokens."""
+        n = self.length[layer, b]
+        assert bool((n == n[0]).all()), "keys() needs equal head lengths (call it before evicting)"
+        return self.k[layer][self._rows(layer, torch.arange(int(n[0]), device=self.device))[b]]
+
     # -- inspection
 
     def kept_positions(self, layer, b, h):
@@ -421,13 +437,13 @@ class GPT(nn.Module):
         return KVCache(self.cfg, batch_size, device=p.device, dtype=p.dtype, slack=slack)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, cache=None, temperature=0.0, stop_token=None, generator=None):
+    def generate(self, idx, max_new_tokens, cache=None, temperature=0.0, stop_token=None, generator=None, probe=None):
         """Feed idx (B, T) through the cache (prefill or continue), then sample new tokens.
 
         Greedy when temperature == 0. Returns (new tokens (B, <= max_new_tokens), cache).
         """
         cache = cache if cache is not None else self.new_cache(idx.shape[0])
-        logits = self(idx, cache=cache)[:, -1]  # (B, V)
+        logits = self(idx, cache=cache, probe=probe)[:, -1]  # (B, V)
         out = []
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -438,7 +454,7 @@ class GPT(nn.Module):
             out.append(nxt)
             if stop_token is not None and bool((nxt == stop_token).all()):
                 break
-            logits = self(nxt, cache=cache)[:, -1]
+            logits = self(nxt, cache=cache, probe=probe)[:, -1]
         return torch.cat(out, dim=1), cache
 
 

@@ -130,6 +130,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="checkpoints", help="folder for tiny.pt, the resume file and the log")
     parser.add_argument("--tokenizer", default="checkpoints/tiny.tiktoken", help="BPE rank file (made if missing)")
     parser.add_argument("--time-limit", type=float, default=540, help="seconds per call; then save and exit")
+    parser.add_argument("--chunk-steps", type=int, default=None, help="also stop after this many steps per call")
     parser.add_argument("--save-every", type=int, default=500, help="steps between resume files")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU configuration that runs in under a minute")
     # ---- model
@@ -157,12 +158,11 @@ if __name__ == "__main__":
     parser.add_argument("--eval-every", type=int, default=500, help="steps between dev accuracy lines")
     parser.add_argument("--eval-tokens", type=int, default=1024)
     parser.add_argument("--eval-n", type=int, default=32, help="dev examples per family")
+    if "--smoke" in sys.argv:  # smoke sizes become the defaults; flags given explicitly still win
+        parser.set_defaults(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=1024, seq_lens="256",
+                            tokens_per_step=2048, max_steps=60, warmup=10, log_every=10, eval_every=60,
+                            eval_tokens=256, eval_n=2, workers=0)
     args = parser.parse_args()
-    if args.smoke:
-        args.n_layer, args.n_head, args.n_kv_head, args.n_embd = 2, 4, 2, 64
-        args.seq_lens, args.tokens_per_step, args.max_steps, args.warmup = "256", 2048, 60, 10
-        args.log_every, args.eval_every, args.eval_tokens, args.eval_n, args.workers = 10, 60, 256, 2, 0
-        args.block_size = 1024
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -214,11 +214,11 @@ if __name__ == "__main__":
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=args.workers,
                                          sampler=range(step, args.max_steps), prefetch_factor=4 if args.workers else None,
                                          persistent_workers=False)
-    t_chunk = time.time()
-    t_last = time.time()
+    t_chunk, t_last, first_step = time.time(), time.time(), step
     model.train()
     for x, y, w in loader:
-        if step >= args.max_steps or time.time() - t_chunk > args.time_limit:
+        if step >= args.max_steps or time.time() - t_chunk > args.time_limit or \
+                (args.chunk_steps is not None and step - first_step >= args.chunk_steps):
             break
         x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device, non_blocking=True)
         for group in optimizer.param_groups:
