@@ -486,6 +486,66 @@ def load_profile(path, scorer, model_id, n_layer, n_kv_head):
 
 
 # -----------------------------------------------------------------------------
+# beyond the paper (ours): a task-loss utility, solved with the same hull and greedy
+#
+# Instead of the oracle's attention-times-value proxy, measure what the task loses: the
+# calibration answer's loss when only head h is cut to budget b (all other heads full), on a
+# grid of budgets, linearly interpolated to every eviction count. The averaged curves go
+# through the same convex hull and greedy sweep as the paper's.
+
+TASKLOSS_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 1.0)  # fractions of a head's evictable tokens cut
+
+
+@torch.no_grad()
+def answer_nll(model, cache, follow_ids, answer_ids):
+    """Mean negative log-likelihood of answer_ids after feeding follow_ids through the cache."""
+    logits = model(torch.tensor([follow_ids + answer_ids[:-1]]), cache=cache)[0, len(follow_ids) - 1:]  # (A, V)
+    return float(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answer_ids)))
+
+
+@torch.no_grad()
+def build_taskloss_profile(model, enc, scorer, cfg, n_contexts=8, n_questions=4, length=1024, seed=0, log=print):
+    """(99, L, H) prune ratios from task-loss curves averaged over calibration (context, question) pairs."""
+    rng = random.Random(f"calibration-{seed}")
+    stop = enc.encode_ordinary("\n")[0]
+    L, H = model.cfg.n_layer, model.cfg.n_kv_head
+    sums, t0, pairs = None, time.time(), 0
+    for i in range(n_contexts):
+        ex = tasks.make_example("qa", rng, length, n_questions)
+        ctx = enc.encode_ordinary(ex.context)
+        T = len(ctx)
+        lo, hi = cfg.sink, max(cfg.sink, T - cfg.window)
+        n_evictable = hi - lo
+        if sums is None:
+            sums, T0 = np.zeros((L * H, n_evictable + 1)), T
+        for q, _ in ex.qa:
+            q_ids = enc.encode_ordinary(q)
+            cache, probe, answer, imp = run_full(model, ctx, q_ids, cfg, cfg.horizon, stop)
+            scores = scores_for(scorer, cache, probe, imp, cfg)
+            base = answer_nll(model, cache.clone(), q_ids, answer)
+            for hd in range(L * H):
+                l, h = divmod(hd, H)
+                points = []
+                for frac in TASKLOSS_GRID:
+                    counts = np.full((L, H), T)
+                    counts[l, h] = T - round(frac * n_evictable)
+                    c = cache.clone()
+                    compress(c, scores, counts)
+                    points.append(answer_nll(model, c, q_ids, answer) - base)
+                # every context is mapped onto the first one's eviction axis by its fraction cut
+                x = np.array(TASKLOSS_GRID) * (sums.shape[1] - 1)
+                sums[hd] += np.interp(np.arange(sums.shape[1]), x, points)
+            pairs += 1
+        log(f"\rtask-loss profile {scorer}: context {i + 1}/{n_contexts} ({pairs} pairs, {time.time() - t0:.0f} s)",
+            end="" if i + 1 < n_contexts else "\n", flush=True)
+    # measured losses are noisy: clip at zero and make them non-decreasing before the hull
+    curves = [np.maximum.accumulate(np.maximum(c / pairs, 0.0)) for c in sums]
+    floor = max(0, cfg.floor(T0) - (T0 - (sums.shape[1] - 1)))
+    evicted = greedy_budget_table(curves, np.full(L * H, floor), len(RATIOS), n_protected_total=L * H * (T0 - (sums.shape[1] - 1)))
+    return evicted.reshape(len(RATIOS), L, H) / T0
+
+
+# -----------------------------------------------------------------------------
 # online: ratio -> per-head keep counts, by each allocator
 
 
@@ -544,9 +604,9 @@ def allocate(name, ratio, scores, cfg, profile=None, imp=None, seed=0):
         return counts_from_shares(pyramid_shares(L, H, T, ratio), ratio, T, cfg)
     if name == "adakv":
         return adakv_counts(scores, ratio, cfg)
-    if name in ("lukv", "shuffled"):
+    if name in ("lukv", "shuffled", "taskloss"):
         if profile is None:
-            raise ValueError("the lukv allocator needs a profile (python lukv.py --profile)")
+            raise ValueError(f"the {name} allocator needs a profile (python lukv.py --profile)")
         row = round(100 * ratio) - 1  # kvpress LUKVPress convention
         counts = counts_from_shares((1 - profile[row]) * T, ratio, T, cfg)
         if name == "shuffled":  # control: the same budgets given to random heads
@@ -557,7 +617,7 @@ def allocate(name, ratio, scores, cfg, profile=None, imp=None, seed=0):
         total_keep = round((1 - ratio) * L * H * T)
         evicted = greedy_evictions(curves, floors, L * H * T - max(total_keep, L * H * cfg.floor(T)))
         return T - evicted.reshape(L, H)
-    raise ValueError(f"unknown allocator {name!r}; expected uniform, pyramid, adakv, lukv, oracle, shuffled")
+    raise ValueError(f"unknown allocator {name!r}; expected uniform, pyramid, adakv, lukv, oracle, shuffled, taskloss")
 
 
 def compress(cache, scores, counts):
@@ -583,7 +643,7 @@ def compress(cache, scores, counts):
 # -----------------------------------------------------------------------------
 # evaluation: every family x ratio x allocator x scorer, query-agnostic and query-aware
 
-ALLOCATORS = ["uniform", "pyramid", "adakv", "lukv", "oracle"]
+ALLOCATORS = ["uniform", "pyramid", "adakv", "lukv", "taskloss", "shuffled", "oracle"]
 SCORERS = ["snapkv", "keydiff", "knorm", "oracle"]
 SHORT = {"niah_single": "single", "niah_multikey": "mkey", "niah_multivalue": "mval", "niah_multiquery": "mquery",
          "vt": "vt", "cwe": "cwe", "fwe": "fwe", "qa": "qa"}
@@ -624,7 +684,8 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
                     if scorer not in scored:
                         scored[scorer] = scores_for(scorer, cache, probe, imp, cfg)
                     for ratio in ratios:
-                        counts = allocate(allocator, ratio, scored[scorer], cfg, profiles.get(scorer), imp)
+                        profile = profiles.get(("taskloss_" if allocator == "taskloss" else "") + scorer)
+                        counts = allocate(allocator, ratio, scored[scorer], cfg, profile, imp)
                         c = cache.clone()
                         keep = compress(c, scored[scorer], counts)
                         hit = tasks.exact_match(family, answer_with(model, enc, c, follow, max_new, stop), a)
@@ -681,6 +742,41 @@ def format_table(result):
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def knockout(model, enc, families, n, length, seed, cfg, log=print):
+    """Which heads matter: accuracy (L, H, F) when one head at a time keeps only sink + window."""
+    L, H = model.cfg.n_layer, model.cfg.n_kv_head
+    stop = enc.encode_ordinary("\n")[0]
+    acc, t0 = np.zeros((L, H, len(families))), time.time()
+    for fi, family in enumerate(families):
+        for ex in tasks.example_set(family, n, length, seed):
+            q, a = ex.qa[0]
+            ctx, q_ids = enc.encode_ordinary(ex.context), enc.encode_ordinary(q)
+            max_new = len(enc.encode_ordinary(a)) + 2
+            cache, probe, _, imp = run_full(model, ctx, q_ids, cfg, max_new, stop)
+            scores = protect(streaming_scores(L, H, len(ctx)), cfg)
+            for l in range(L):
+                for h in range(H):
+                    counts = np.full((L, H), len(ctx))
+                    counts[l, h] = min(len(ctx), cfg.sink + cfg.window)
+                    c = cache.clone()
+                    compress(c, scores, counts)
+                    acc[l, h, fi] += tasks.exact_match(family, answer_with(model, enc, c, q_ids, max_new, stop), a) / n
+        log(f"\rknockout: {fi + 1}/{len(families)} families ({time.time() - t0:.0f} s)",
+            end="" if fi + 1 < len(families) else "\n", flush=True)
+    return acc
+
+
+def format_knockout(acc, families, full):
+    lines = ["accuracy with one KV head cut to sink + window (rows: layer, head); full cache first"]
+    lines.append(f"{'head':8s} " + " ".join(f"{SHORT[f]:>6s}" for f in families))
+    lines.append(f"{'full':8s} " + " ".join(f"{full[f]:6.2f}" for f in families))
+    for l in range(acc.shape[0]):
+        for h in range(acc.shape[1]):
+            lines.append(f"L{l}H{h:<5d} " + " ".join(f"{x:6.2f}" for x in acc[l, h]))
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # pictures for the terminal: the budget heatmap
 
@@ -708,11 +804,13 @@ def profile_path(checkpoint, scorer):
 
 
 def load_profiles(checkpoint, model, scorers, required=False):
+    """{scorer: table} for LU-KV and {'taskloss_' + scorer: table} for ours, where the files exist."""
     out = {}
     for s in scorers:
-        path = profile_path(checkpoint, s)
-        if os.path.exists(path) or required:
-            out[s] = load_profile(path, s, checkpoint_id(checkpoint), model.cfg.n_layer, model.cfg.n_kv_head)[0]
+        for key in (s, "taskloss_" + s):
+            path = profile_path(checkpoint, key)
+            if os.path.exists(path) or (required and key == s):
+                out[key] = load_profile(path, s, checkpoint_id(checkpoint), model.cfg.n_layer, model.cfg.n_kv_head)[0]
     return out
 
 
@@ -764,6 +862,8 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="rebuild the profiles next to the checkpoint")
     parser.add_argument("--eval", action="store_true", help="the full evaluation table")
     parser.add_argument("--full-cache", action="store_true", help="only the full-cache accuracy per family")
+    parser.add_argument("--knockout", action="store_true", help="accuracy with one head at a time cut to sink + window")
+    parser.add_argument("--taskloss", action="store_true", help="(ours) build the task-loss profile for --scorers")
     # ---- model and method
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     parser.add_argument("--scorers", default=None, help="comma list (default: all for --eval/--profile, snapkv for --demo)")
@@ -785,7 +885,7 @@ if __name__ == "__main__":
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="accuracy vs compression (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
-    if not (args.demo or args.profile or args.eval or args.full_cache):
+    if not (args.demo or args.profile or args.eval or args.full_cache or args.knockout or args.taskloss):
         parser.print_help()
         sys.exit(0)
     if args.threads:
@@ -810,6 +910,23 @@ if __name__ == "__main__":
                       "layout": "[99, n_layer, n_kv_head] prune ratios; row round(100 * ratio) - 1 (kvpress LUKVPress)"}
             save_profile(profile_path(args.checkpoint, s), table, meta_p)
             print(f"wrote {profile_path(args.checkpoint, s)}")
+
+    if args.taskloss:
+        for s in (args.scorers.split(",") if args.scorers else ["snapkv"]):
+            table = build_taskloss_profile(model, enc, s, cfg, max(1, args.calib_contexts // 2),
+                                           max(1, args.calib_questions // 2), args.length)
+            meta_p = {"scorer": s, "model": checkpoint_id(args.checkpoint), "sink": cfg.sink, "window": cfg.window,
+                      "min_share": cfg.min_share, "utility": "task loss (ours): calibration answer NLL with one head "
+                      f"cut, grid {TASKLOSS_GRID}", "layout": "[99, n_layer, n_kv_head] prune ratios"}
+            save_profile(profile_path(args.checkpoint, "taskloss_" + s), table, meta_p)
+            print(f"wrote {profile_path(args.checkpoint, 'taskloss_' + s)}")
+
+    if args.knockout:
+        n = args.n or 10
+        acc = knockout(model, enc, families, n, args.length, args.seed, cfg)
+        full = evaluate(model, enc, {}, families, [], [], n, args.length, args.seed, cfg)["full"]["agnostic"]
+        print(format_knockout(acc, families, full))
+        write_json(args.json, {"knockout": acc.tolist(), "families": families, "full": full, "n": n})
 
     if args.full_cache:
         n = args.n or 50
@@ -840,7 +957,8 @@ if __name__ == "__main__":
         scorers = args.scorers.split(",") if args.scorers else SCORERS
         allocators = args.allocators.split(",") if args.allocators else ALLOCATORS
         profiles = load_profiles(args.checkpoint, model, scorers)
-        methods = [(s, a) for s in scorers for a in allocators if a != "lukv" or s in profiles]
+        needs = {"lukv": "", "shuffled": "", "taskloss": "taskloss_"}  # allocators that read a profile
+        methods = [(s, a) for s in scorers for a in allocators if a not in needs or needs[a] + s in profiles]
         methods += [("streaming", "uniform")]
         result = evaluate(model, enc, profiles, families, ratios, methods, args.n or 10, args.length, args.seed, cfg,
                           tuple(args.settings.split(",")))
