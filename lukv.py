@@ -668,6 +668,7 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
     stop = enc.encode_ordinary("\n")[0]
     tally = {}  # (setting, ratio, scorer, allocator, family) -> [hits, n, bytes, oracle_loss]
     full = {s: {} for s in settings}
+    full_bytes = {s: {} for s in settings}  # mean K/V bytes of the uncompressed cache
     t0, done, total = time.time(), 0, len(settings) * len(families) * n
     for setting in settings:
         for family in families:
@@ -679,6 +680,7 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
                 max_new = len(enc.encode_ordinary(a)) + 2
                 cache, probe, full_answer, imp = run_full(model, prefix, follow, cfg, max_new, stop)
                 hits_full += tasks.exact_match(family, enc.decode(full_answer).split("\n")[0], a)
+                full_bytes[setting][family] = full_bytes[setting].get(family, 0) + cache.nbytes() / n
                 scored = {}
                 for scorer, allocator in methods:
                     if scorer not in scored:
@@ -688,24 +690,24 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
                         counts = allocate(allocator, ratio, scored[scorer], cfg, profile, imp)
                         c = cache.clone()
                         keep = compress(c, scored[scorer], counts)
+                        kept_bytes = c.nbytes()  # right after eviction, before the question is appended
                         hit = tasks.exact_match(family, answer_with(model, enc, c, follow, max_new, stop), a)
                         lost = float((imp * ~keep).sum() / imp.sum().clamp(min=1e-30))
                         t = tally.setdefault((setting, ratio, scorer, allocator, family), [0, 0, 0, 0.0])
                         t[0] += hit
                         t[1] += 1
-                        t[2] += c.nbytes()
+                        t[2] += kept_bytes
                         t[3] += lost
                 done += 1
                 log(f"\reval {setting} {family:16s} {done}/{total} examples ({time.time() - t0:.0f} s)",
                     end="", flush=True)
             full[setting][family] = hits_full / n
     log("", flush=True)
-    full_bytes = 2 * model.cfg.n_layer * model.cfg.n_kv_head * model.cfg.head_dim * 4  # per token, fp32
     rows = []
     for (setting, ratio, scorer, allocator, family), (h, k, b, lost) in tally.items():
         rows.append({"setting": setting, "ratio": ratio, "scorer": scorer, "allocator": allocator,
                      "family": family, "accuracy": h / k, "kv_bytes": b / k, "oracle_loss": lost / k})
-    return {"rows": rows, "full": full, "full_kv_bytes_per_token": full_bytes, "length": length, "n": n,
+    return {"rows": rows, "full": full, "full_kv_bytes": full_bytes, "length": length, "n": n,
             "seed": seed, "config": asdict(cfg)}
 
 
@@ -726,8 +728,9 @@ def format_table(result):
                      f"{', '.join(SHORT[f] for f in keep)} (full-cache >= 50%)")
         full_avg = np.mean([result["full"][setting][f] for f in keep]) if keep else float("nan")
         lines.append(head)
+        full_mb = np.mean([result["full_kv_bytes"][setting][f] for f in fams]) / 1e6
         lines.append(f"{'full':8s} {'-':9s} " + " ".join(f"{result['full'][setting][f]:6.2f}" for f in fams) +
-                     f" {full_avg:6.2f} {100.0:6.1f}")
+                     f" {full_avg:6.2f} {100.0:6.1f} {full_mb:7.3f} {0.0:6.3f}")
         rows = [r for r in result["rows"] if r["setting"] == setting]
         for ratio in sorted({r["ratio"] for r in rows}):  # methods keep the order they were asked in
             lines.append(f"-- compression {ratio:.0%}")
@@ -946,7 +949,7 @@ if __name__ == "__main__":
         result = evaluate(model, enc, profiles, tasks.EVAL_FAMILIES, [0.8], methods, n, args.length, args.seed,
                           cfg, ("agnostic",))
         print(format_table(result))
-        full_mb = result["full_kv_bytes_per_token"] * args.length / 1e6
+        full_mb = np.mean(list(result["full_kv_bytes"]["agnostic"].values())) / 1e6
         kept = np.mean([r["kv_bytes"] for r in result["rows"]]) / 1e6
         print(f"KV cache per example: full {full_mb:.2f} MB -> {kept:.2f} MB kept at 80% compression "
               f"({full_mb - kept:.2f} MB freed); demo took {time.time() - t0:.0f} s")

@@ -696,3 +696,58 @@ def test_bad_input_raises_clear_error(call, message):
     """Invalid input raises ValueError whose message names what was expected."""
     with pytest.raises(ValueError, match=message):
         call()
+
+
+# -----------------------------------------------------------------------------
+# the shipped checkpoint, its profiles, and the README's commands
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model, enc, meta = load_checkpoint(CHECKPOINT)
+    return model, enc, meta
+
+
+def test_shipped_checkpoint_is_small_and_records_its_making(shipped):
+    """The shipped checkpoint stays under 16 MB and records the command and data seed that made it."""
+    model, enc, meta = shipped
+    assert os.path.getsize(CHECKPOINT) < 16e6
+    assert "train_tiny.py" in meta["command"] and "data_seed" in meta
+    assert model.cfg.n_kv_head < model.cfg.n_head  # GQA: the cache is stored per KV head
+
+
+def test_shipped_profiles_belong_to_the_shipped_model(shipped):
+    """Every shipped profile has the kvpress layout, and its rows' mean prune ratio matches the row's ratio
+    wherever the floors allow."""
+    model = shipped[0]
+    profiles = lukv.load_profiles(CHECKPOINT, model, lukv.PROFILE_SCORERS, required=True)
+    for name, table in profiles.items():
+        assert table.shape == (99, model.cfg.n_layer, model.cfg.n_kv_head)
+        means = table.mean(axis=(1, 2))
+        assert np.allclose(means[:90], np.arange(1, 91) / 100, atol=0.01), (name, means[:90])
+        assert (np.diff(table, axis=0) >= -1e-6).all(), f"{name}: rows are not nested"
+
+
+def test_compressed_evaluation_on_the_shipped_model(shipped):
+    """At 80% compression every allocator keeps the same KV bytes, a fifth of the full cache's, and keep-all
+    (ratio 0) answers exactly as the full cache does."""
+    model, enc, _ = shipped
+    profiles = lukv.load_profiles(CHECKPOINT, model, ["snapkv"])
+    methods = [("snapkv", a) for a in ("uniform", "pyramid", "adakv", "lukv")]
+    res = lukv.evaluate(model, enc, profiles, ["niah_single", "qa"], [0.0, 0.8], methods, 1, 512, 5, LUKVConfig(),
+                        log=lambda *a, **k: None)
+    rows = res["rows"]
+    full_bytes = [r["kv_bytes"] for r in rows if r["ratio"] == 0.0]
+    kept = [r["kv_bytes"] for r in rows if r["ratio"] == 0.8]
+    assert len(set(kept)) <= 2 and all(abs(k / f - 0.2) < 0.01 for k, f in zip(kept, full_bytes))
+    for r in rows:
+        if r["ratio"] == 0.0:
+            assert r["accuracy"] == res["full"]["agnostic"][r["family"]], r
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run calls exactly the test command that README.md gives a new user."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    ci = open(os.path.join(HERE, ".ci", "run")).read()
+    command = "pip install -r requirements.txt && python -m pytest -q"
+    assert command in readme and command in ci.splitlines()

@@ -23,7 +23,7 @@ import time
 import torch
 
 import tasks
-from model import GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # the data: a batch is a pure function of (seed, step)
@@ -31,6 +31,17 @@ from model import GPT, GPTConfig, save_checkpoint
 # training mixture: family -> weight ("prose" is plain language modelling)
 MIXTURE = {"prose": 0.08, "qa": 0.2, "niah_single": 0.06, "niah_multikey": 0.14, "niah_multivalue": 0.12,
            "niah_multiquery": 0.12, "vt": 0.16, "cwe": 0.06, "fwe": 0.06}
+
+
+def parse_mixture(text):
+    """'vt=0.3,qa=0.3,...' -> {family: weight}; unknown names are refused."""
+    mixture = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in MIXTURE:
+            raise ValueError(f"unknown family {name!r} in --mixture; expected names from {list(MIXTURE)}")
+        mixture[name] = float(weight)
+    return mixture
 
 
 def encode_example(enc, ex):
@@ -71,7 +82,8 @@ class Batches(torch.utils.data.Dataset):
 
     def __init__(self, enc, args):
         self.enc, self.args = enc, args
-        self.families, self.weights = list(MIXTURE), list(MIXTURE.values())
+        mixture = parse_mixture(args.mixture) if args.mixture else MIXTURE
+        self.families, self.weights = list(mixture), list(mixture.values())
 
     def seq_len(self, step):
         lens = [int(x) for x in self.args.seq_lens.split(",")]
@@ -141,6 +153,8 @@ if __name__ == "__main__":
     parser.add_argument("--block-size", type=int, default=4096)
     # ---- data
     parser.add_argument("--seed", type=int, default=0, help="data seed (evaluation uses other seeds)")
+    parser.add_argument("--mixture", default=None, help="family=weight,... (default: MIXTURE above)")
+    parser.add_argument("--init-from", default=None, help="start from this checkpoint's weights (a second stage)")
     parser.add_argument("--seq-lens", default="512,1024,1024,2048", help="row lengths, one drawn per step")
     parser.add_argument("--tokens-per-step", type=int, default=65536)
     parser.add_argument("--answer-weight", type=float, default=5.0, help="loss weight of answer tokens")
@@ -175,6 +189,12 @@ if __name__ == "__main__":
                     n_kv_head=args.n_kv_head, n_embd=args.n_embd,
                     mlp_hidden=64 * math.ceil(8 * args.n_embd / 3 / 64))
     model = GPT(cfg).to(device)
+    if args.init_from:  # a second training stage starts from shipped weights with a fresh optimizer
+        init, _, init_meta = load_checkpoint(args.init_from)
+        if init.cfg != cfg:
+            sys.exit(f"--init-from {args.init_from} has config {init.cfg}, this run builds {cfg}")
+        model.load_state_dict(init.state_dict())
+        print(f"initialised from {args.init_from} ({init_meta.get('command')})")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=args.weight_decay, fused=device.type == "cuda")
     log_path = os.path.join(args.out, "train_log.txt")
@@ -246,6 +266,7 @@ if __name__ == "__main__":
     save_resume()
     if step >= args.max_steps:
         meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "data_seed": args.seed,
+                "init_from": args.init_from and load_checkpoint(args.init_from)[2],
                 "steps": step, "train_seconds": round(elapsed),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         ckpt_path = os.path.join(args.out, "tiny.pt")
