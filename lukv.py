@@ -58,6 +58,14 @@ class LUKVConfig:
         return min(T, self.sink + self.window + math.ceil(self.min_share * T))
 
 
+def progress(done, total, text):
+    """A progress line: redrawn in place on a terminal; every 10% and at the end in a log file."""
+    if sys.stdout.isatty():
+        print(f"\r{text}", end="\n" if done == total else "", flush=True)
+    elif done == total or done % max(1, total // 10) == 0:
+        print(text, flush=True)
+
+
 # -----------------------------------------------------------------------------
 # intra-head scorers: (L, H, T), higher = more worth keeping. LU-KV does not change these.
 
@@ -442,7 +450,7 @@ def checkpoint_id(path):
 
 
 @torch.no_grad()
-def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length=1024, seed=0, log=print):
+def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length=1024, seed=0, log=progress):
     """Average the per-(context, question) tables over calibration prose with questions (tasks 'qa').
 
     As in the paper: the scorer sees the context without the question; the oracle's future is
@@ -459,9 +467,8 @@ def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length
             cache, probe, _, imp = run_full(model, ctx_ids, enc.encode_ordinary(q), cfg, cfg.horizon, stop)
             for s in scorers:
                 tables[s].append(context_table(imp, scores_for(s, cache, probe, imp, cfg), cfg))
-        log(f"\rprofile {','.join(scorers)}: context {i + 1}/{n_contexts} "
-            f"({len(tables[scorers[0]])} (context, question) tables, {time.time() - t0:.0f} s)",
-            end="" if i + 1 < n_contexts else "\n", flush=True)
+        log(i + 1, n_contexts, f"profile {','.join(scorers)}: context {i + 1}/{n_contexts} "
+            f"({len(tables[scorers[0]])} (context, question) tables, {time.time() - t0:.0f} s)")
     return {s: np.mean(t, axis=0) for s, t in tables.items()}
 
 
@@ -504,7 +511,7 @@ def answer_nll(model, cache, follow_ids, answer_ids):
 
 
 @torch.no_grad()
-def build_taskloss_profile(model, enc, scorer, cfg, n_contexts=8, n_questions=4, length=1024, seed=0, log=print):
+def build_taskloss_profile(model, enc, scorer, cfg, n_contexts=8, n_questions=4, length=1024, seed=0, log=progress):
     """(99, L, H) prune ratios from task-loss curves averaged over calibration (context, question) pairs."""
     rng = random.Random(f"calibration-{seed}")
     stop = enc.encode_ordinary("\n")[0]
@@ -536,8 +543,8 @@ def build_taskloss_profile(model, enc, scorer, cfg, n_contexts=8, n_questions=4,
                 x = np.array(TASKLOSS_GRID) * (sums.shape[1] - 1)
                 sums[hd] += np.interp(np.arange(sums.shape[1]), x, points)
             pairs += 1
-        log(f"\rtask-loss profile {scorer}: context {i + 1}/{n_contexts} ({pairs} pairs, {time.time() - t0:.0f} s)",
-            end="" if i + 1 < n_contexts else "\n", flush=True)
+        log(i + 1, n_contexts, f"task-loss profile {scorer}: context {i + 1}/{n_contexts} ({pairs} pairs, "
+            f"{time.time() - t0:.0f} s)")
     # measured losses are noisy: clip at zero and make them non-decreasing before the hull
     curves = [np.maximum.accumulate(np.maximum(c / pairs, 0.0)) for c in sums]
     floor = max(0, cfg.floor(T0) - (T0 - (sums.shape[1] - 1)))
@@ -657,7 +664,7 @@ def answer_with(model, enc, cache, follow_ids, max_new, stop):
 
 @torch.no_grad()
 def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, cfg, settings=("agnostic",),
-             log=print):
+             log=progress):
     """Exact match, kept KV bytes and oracle loss of every (setting, ratio, scorer, allocator).
 
     One prefill per example: the cache is cloned and compressed once per method. Query-agnostic
@@ -699,10 +706,8 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
                         t[2] += kept_bytes
                         t[3] += lost
                 done += 1
-                log(f"\reval {setting} {family:16s} {done}/{total} examples ({time.time() - t0:.0f} s)",
-                    end="", flush=True)
+                log(done, total, f"eval {setting} {family:16s} {done}/{total} examples ({time.time() - t0:.0f} s)")
             full[setting][family] = hits_full / n
-    log("", flush=True)
     rows = []
     for (setting, ratio, scorer, allocator, family), (h, k, b, lost) in tally.items():
         rows.append({"setting": setting, "ratio": ratio, "scorer": scorer, "allocator": allocator,
@@ -746,7 +751,7 @@ def format_table(result):
 
 
 @torch.no_grad()
-def knockout(model, enc, families, n, length, seed, cfg, log=print):
+def knockout(model, enc, families, n, length, seed, cfg, log=progress):
     """Which heads matter: accuracy (L, H, F) when one head at a time keeps only sink + window."""
     L, H = model.cfg.n_layer, model.cfg.n_kv_head
     stop = enc.encode_ordinary("\n")[0]
@@ -765,8 +770,7 @@ def knockout(model, enc, families, n, length, seed, cfg, log=print):
                     c = cache.clone()
                     compress(c, scores, counts)
                     acc[l, h, fi] += tasks.exact_match(family, answer_with(model, enc, c, q_ids, max_new, stop), a) / n
-        log(f"\rknockout: {fi + 1}/{len(families)} families ({time.time() - t0:.0f} s)",
-            end="" if fi + 1 < len(families) else "\n", flush=True)
+        log(fi + 1, len(families), f"knockout: {fi + 1}/{len(families)} families ({time.time() - t0:.0f} s)")
     return acc
 
 
