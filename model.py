@@ -309,6 +309,7 @@ class KVCache:
         valid = slots < self.length[layer][..., None]  # (B, H, K)
         rows = self._rows(layer, slots.expand(*valid.shape)).clamp(max=self.k[layer].shape[0] - 1)
         keys, values = self.k[layer][rows], self.v[layer][rows]  # (B, H, K, D) each
+        values = values.masked_fill(~valid[..., None], 0)  # spare rows are uninitialised: 0 * NaN would be NaN
         probs = attention_probs(q[:, :, :, None], keys, valid[:, :, None, None])[:, :, :, 0]  # (B, H, G, K)
         out = torch.einsum("bhgk,bhkd->bhgd", probs, values.float()).to(q.dtype)  # (B, H, G, D)
         return out, (probs if need_probs else None)
