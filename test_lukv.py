@@ -729,7 +729,7 @@ def test_shipped_profiles_belong_to_the_shipped_model(shipped):
 
 
 def test_compressed_evaluation_on_the_shipped_model(shipped):
-    """At 80% compression every allocator keeps the same KV bytes, a fifth of the full cache's, and keep-all
+    """At 80% compression every allocator keeps a fifth of the full cache's KV bytes, and keep-all
     (ratio 0) answers exactly as the full cache does."""
     model, enc, _ = shipped
     profiles = lukv.load_profiles(CHECKPOINT, model, ["snapkv"])
@@ -737,9 +737,11 @@ def test_compressed_evaluation_on_the_shipped_model(shipped):
     res = lukv.evaluate(model, enc, profiles, ["niah_single", "qa"], [0.0, 0.8], methods, 1, 512, 5, LUKVConfig(),
                         log=lambda *a, **k: None)
     rows = res["rows"]
-    full_bytes = [r["kv_bytes"] for r in rows if r["ratio"] == 0.0]
-    kept = [r["kv_bytes"] for r in rows if r["ratio"] == 0.8]
-    assert len(set(kept)) <= 2 and all(abs(k / f - 0.2) < 0.01 for k, f in zip(kept, full_bytes))
+    for family in ("niah_single", "qa"):
+        full_bytes = res["full_kv_bytes"]["agnostic"][family]
+        kept = [r["kv_bytes"] for r in rows if r["ratio"] == 0.8 and r["family"] == family]
+        # adakv rounds per layer, the others globally: a few rows apart at most
+        assert len(kept) == 4 and all(abs(k / full_bytes - 0.2) < 0.005 for k in kept), (family, kept, full_bytes)
     for r in rows:
         if r["ratio"] == 0.0:
             assert r["accuracy"] == res["full"]["agnostic"][r["family"]], r
