@@ -948,7 +948,7 @@ if __name__ == "__main__":
         profiles = load_profiles(args.checkpoint, model, ["snapkv"], required=True)
         row = profiles["snapkv"][79]  # 80% compression
         print(heatmap(1 - row, "LU-KV budgets at 80% compression (SnapKV scorer): share of the context each head keeps"))
-        n = args.n or 4
+        n = args.n or 8
         methods = [("snapkv", a) for a in ["uniform", "pyramid", "adakv", "lukv"]]
         result = evaluate(model, enc, profiles, tasks.EVAL_FAMILIES, [0.8], methods, n, args.length, args.seed,
                           cfg, ("agnostic",))
