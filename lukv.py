@@ -806,18 +806,25 @@ def heatmap(keep_frac, title):
 PROFILE_SCORERS = ["snapkv", "keydiff", "knorm", "oracle"]
 
 
+def profile_meta(scorer, model_id, cfg, **extra):
+    """What a profile file records: who it belongs to and how it was made (refused if they differ)."""
+    return {"scorer": scorer, "model": model_id, "sink": cfg.sink, "window": cfg.window, "min_share": cfg.min_share,
+            "layout": "[99, n_layer, n_kv_head] prune ratios; row round(100 * ratio) - 1 (kvpress LUKVPress)",
+            **extra}
+
+
 def profile_path(checkpoint, scorer):
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"profile_{scorer}.npz")
 
 
 def load_profiles(checkpoint, model, scorers, required=False):
     """{scorer: table} for LU-KV and {'taskloss_' + scorer: table} for ours, where the files exist."""
-    out = {}
+    out, model_id = {}, checkpoint_id(checkpoint)
     for s in scorers:
         for key in (s, "taskloss_" + s):
             path = profile_path(checkpoint, key)
             if os.path.exists(path) or (required and key == s):
-                out[key] = load_profile(path, s, checkpoint_id(checkpoint), model.cfg.n_layer, model.cfg.n_kv_head)[0]
+                out[key] = load_profile(path, s, model_id, model.cfg.n_layer, model.cfg.n_kv_head)[0]
     return out
 
 
@@ -905,16 +912,15 @@ if __name__ == "__main__":
     ratios = [float(r) for r in args.ratios.split(",")]
     for r in ratios:
         check_ratio(r)
+    model_id = checkpoint_id(args.checkpoint)  # the profiles name the model they belong to
 
     if args.profile:
         scorers = args.scorers.split(",") if args.scorers else PROFILE_SCORERS
         tables = build_profile(model, enc, scorers, cfg, args.calib_contexts, args.calib_questions, args.length)
         for s, table in tables.items():
-            meta_p = {"scorer": s, "model": checkpoint_id(args.checkpoint), "sink": cfg.sink, "window": cfg.window,
-                      "min_share": cfg.min_share, "horizon": cfg.horizon, "normalise_values": cfg.normalise_values,
-                      "calibration": f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} questions, "
-                                     f"{args.length} tokens, seed calibration-0",
-                      "layout": "[99, n_layer, n_kv_head] prune ratios; row round(100 * ratio) - 1 (kvpress LUKVPress)"}
+            meta_p = profile_meta(s, model_id, cfg, horizon=cfg.horizon, normalise_values=cfg.normalise_values,
+                                  calibration=f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} "
+                                              f"questions, {args.length} tokens, seed calibration-0")
             save_profile(profile_path(args.checkpoint, s), table, meta_p)
             print(f"wrote {profile_path(args.checkpoint, s)}")
 
@@ -922,9 +928,8 @@ if __name__ == "__main__":
         for s in (args.scorers.split(",") if args.scorers else ["snapkv"]):
             table = build_taskloss_profile(model, enc, s, cfg, max(1, args.calib_contexts // 2),
                                            max(1, args.calib_questions // 2), args.length)
-            meta_p = {"scorer": s, "model": checkpoint_id(args.checkpoint), "sink": cfg.sink, "window": cfg.window,
-                      "min_share": cfg.min_share, "utility": "task loss (ours): calibration answer NLL with one head "
-                      f"cut, grid {TASKLOSS_GRID}", "layout": "[99, n_layer, n_kv_head] prune ratios"}
+            meta_p = profile_meta(s, model_id, cfg, utility="task loss (ours): calibration answer NLL with one "
+                                                            f"head cut, grid {TASKLOSS_GRID}")
             save_profile(profile_path(args.checkpoint, "taskloss_" + s), table, meta_p)
             print(f"wrote {profile_path(args.checkpoint, 'taskloss_' + s)}")
 

@@ -189,6 +189,7 @@ if __name__ == "__main__":
                     n_kv_head=args.n_kv_head, n_embd=args.n_embd,
                     mlp_hidden=64 * math.ceil(8 * args.n_embd / 3 / 64))
     model = GPT(cfg).to(device)
+    init_meta = None
     if args.init_from:  # a second training stage starts from shipped weights with a fresh optimizer
         init, _, init_meta = load_checkpoint(args.init_from)
         if init.cfg != cfg:
@@ -266,7 +267,7 @@ if __name__ == "__main__":
     save_resume()
     if step >= args.max_steps:
         meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "data_seed": args.seed,
-                "init_from": args.init_from and load_checkpoint(args.init_from)[2],
+                "init_from": init_meta,  # how the starting weights were made
                 "steps": step, "train_seconds": round(elapsed),
                 "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         ckpt_path = os.path.join(args.out, "tiny.pt")
