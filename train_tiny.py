@@ -265,16 +265,19 @@ if __name__ == "__main__":
             save_resume()
     elapsed += time.time() - t_last
     save_resume()
+    # what made these weights, written into the checkpoint (the final one and every chunk's snapshot)
+    meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "data_seed": args.seed,
+            "init_from": init_meta,  # how the starting weights were made
+            "steps": step, "train_seconds": round(elapsed),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if step >= args.max_steps:
-        meta = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "data_seed": args.seed,
-                "init_from": init_meta,  # how the starting weights were made
-                "steps": step, "train_seconds": round(elapsed),
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
         ckpt_path = os.path.join(args.out, "tiny.pt")
         save_checkpoint(ckpt_path, model, args.tokenizer, meta)
         log(f"wrote {ckpt_path} ({os.path.getsize(ckpt_path) / 1e6:.1f} MB) after {step} steps, {elapsed:.0f} s")
     else:
         # a usable fp16 snapshot of every chunk, in case a later chunk never runs
-        save_checkpoint(os.path.join(args.out, "tiny_partial.pt"), model, args.tokenizer,
-                        {"partial_step": step, "max_steps": args.max_steps, "data_seed": args.seed})
+        meta.update(partial_step=step, max_steps=args.max_steps,
+                    stopped=f"chunk ended at step {step} of {args.max_steps}; the schedule had not reached its end")
+        save_checkpoint(os.path.join(args.out, "tiny_partial.pt"), model, args.tokenizer, meta)
         log(f"chunk done at step {step}/{args.max_steps}; run the same command again to continue")
