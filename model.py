@@ -167,6 +167,15 @@ class Block(nn.Module):
 # the KV cache: packed rows, a length per (layer, batch, KV head)
 
 
+def _kernels():
+    """kernels.py, imported on first use (it needs Triton only for its v3 paths); None if absent."""
+    try:
+        import kernels
+    except ImportError:
+        return None
+    return kernels
+
+
 class KVCache:
     """A KV cache in which every (layer, batch row, KV head) keeps its own number of tokens.
 
@@ -187,9 +196,13 @@ class KVCache:
     attend (one decode step). `nbytes()` reports what K and V occupy.
     """
 
-    def __init__(self, cfg, batch_size, device="cpu", dtype=torch.float32, slack=32):
+    def __init__(self, cfg, batch_size, device="cpu", dtype=torch.float32, slack=32, impl=None):
         self.cfg, self.B, self.device, self.dtype = cfg, batch_size, torch.device(device), dtype
         self.slack = slack  # spare rows per head after prefill / keep / re-pack
+        # who runs append / attend / evict: "reference" is the plain PyTorch below; "v1" / "v3" are
+        # kernels.py's (v3 = Triton, CUDA or TRITON_INTERPRET=1). Default: Triton on CUDA, reference on CPU.
+        self.impl = impl or ("v3" if self.device.type == "cuda" and _kernels() is not None
+                             and _kernels().HAVE_TRITON else "reference")
         L, B, H = cfg.n_layer, batch_size, cfg.n_kv_head
         self.k = [None] * L
         self.v = [None] * L
@@ -253,6 +266,13 @@ class KVCache:
             valid = idx < self.length[layer][..., None]  # (B, H, K)
             src = self._rows(layer, idx.expand(*valid.shape))
             self._move(layer, src, self.length[layer].clone(), self.length[layer] + self.slack, valid)
+        if self.impl != "reference":  # in place, O(B * H * D) bytes (kernels.py)
+            _kernels().append_(self.k[layer], self.v[layer], self.pos[layer], self.start[layer], self.length[layer],
+                               self.capacity[layer], k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
+                               self.seen, impl=self.impl, check=False)  # capacity was checked just above
+            if layer == self.cfg.n_layer - 1:
+                self.seen += 1
+            return
         row = self.start[layer] + self.length[layer]  # (B, H)
         self.k[layer][row] = k.to(self.dtype)
         self.v[layer][row] = v.to(self.dtype)
@@ -302,8 +322,13 @@ class KVCache:
         """One decode step: q (B, H, G, D) attends to each head's own rows -> (B, H, G, D).
 
         This is the reference (pad each head to the longest, mask the rest); kernels.py has
-        the fast version that reads the packed rows directly.
+        the fast version that reads the packed rows directly (used unless impl is "reference" or
+        the weights are asked for).
         """
+        if self.impl != "reference" and not need_probs:
+            out = _kernels().decode_attention(q.to(self.dtype).contiguous(), self.k[layer], self.v[layer],
+                                              self.start[layer], self.length[layer], impl=self.impl)
+            return out.to(q.dtype), None
         K = int(self.length[layer].max())
         slots = torch.arange(K, device=self.device)
         valid = slots < self.length[layer][..., None]  # (B, H, K)
@@ -313,6 +338,23 @@ class KVCache:
         probs = attention_probs(q[:, :, :, None], keys, valid[:, :, None, None])[:, :, :, 0]  # (B, H, G, K)
         out = torch.einsum("bhgk,bhkd->bhgd", probs, values.float()).to(q.dtype)  # (B, H, G, D)
         return out, (probs if need_probs else None)
+
+    def evict(self, layer, scores, counts, sink=0, window=0):
+        """Evict by score right after prefill: head (b, h) keeps its counts[b, h] best tokens.
+
+        scores (B, H, T), one per token; the first `sink` and last `window` tokens are always
+        kept, ties go to the later (more recent) token. kernels.py selects and compacts in one pass (a radix
+        select on the GPU); `keep` is the same thing for explicit indices.
+        """
+        n = self.length[layer]
+        if not bool((n == n.flatten()[0]).all()):
+            raise ValueError(f"evict works on a freshly prefilled layer (all heads {tuple(n.shape)} of one "
+                             f"length); got lengths {n.tolist()}: use keep() with explicit slots instead")
+        T = int(n.flatten()[0])
+        rows = self._rows(layer, torch.arange(T, device=self.device))  # (B, H, T)
+        k, v = self.k[layer][rows], self.v[layer][rows]  # (B, H, T, D) each
+        impl = "v1" if self.impl == "reference" else self.impl
+        _kernels().evict_into_cache(self, layer, k, v, scores, counts, sink, window, impl=impl)
 
     def clone(self):
         """An independent copy (the evaluation compresses one prefilled cache many ways)."""
@@ -433,9 +475,10 @@ class GPT(nn.Module):
         w = self.layers[layer].self_attn.o_proj.weight  # (C, H*G*D)
         return w.view(cfg.n_embd, cfg.n_kv_head, cfg.group, cfg.head_dim).permute(1, 2, 0, 3)
 
-    def new_cache(self, batch_size=1, slack=32):
+    def new_cache(self, batch_size=1, slack=32, impl=None):
+        """An empty KVCache on the model's device and dtype (impl: see KVCache)."""
         p = self.embed_tokens.weight
-        return KVCache(self.cfg, batch_size, device=p.device, dtype=p.dtype, slack=slack)
+        return KVCache(self.cfg, batch_size, device=p.device, dtype=p.dtype, slack=slack, impl=impl)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, cache=None, temperature=0.0, stop_token=None, generator=None, probe=None):

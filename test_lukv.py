@@ -138,6 +138,51 @@ def test_append_grows_past_capacity_and_keeps_positions():
     assert cache.kept_positions(0, 0, 1).tolist() == [1, 3, 4, 5, 6, 7]
 
 
+def _kernel_impls():
+    """kernels.py paths that can run here: v1 always, v3 on CUDA or under TRITON_INTERPRET=1."""
+    import kernels
+    ok = kernels.HAVE_TRITON and (torch.cuda.is_available() or kernels.INTERPRET)
+    return ["v1", "v3"] if ok else ["v1", pytest.param("v3", marks=pytest.mark.skip(
+        "v3 needs CUDA or TRITON_INTERPRET=1 (the kernel tests set it)"))]
+
+
+@pytest.mark.parametrize("impl", _kernel_impls())
+def test_kernel_backed_cache_agrees_with_reference(impl):
+    """The model decodes the same logits through kernels.py (evict, append, attend) as through the reference."""
+    model = tiny_model(n_kv_head=2)
+    torch.manual_seed(3)
+    idx, scores = torch.randint(0, 97, (2, 40)), torch.rand(2, model.cfg.n_layer, 2, 40)  # (B, L, H, T)
+    counts = torch.tensor([[7, 19], [12, 40]])  # per (b, h): skewed, one head keeps everything
+    logits, caches = [], []
+    for cache_impl in ("reference", impl):
+        cache = model.new_cache(2, slack=2, impl=cache_impl)  # slack 2: the decode re-packs on the way
+        with torch.no_grad():
+            model(idx, cache=cache)
+            for l in range(model.cfg.n_layer):
+                cache.evict(l, scores[:, l], counts, sink=2, window=3)
+            steps = [model(idx[:, -1:] * 0 + t, cache=cache) for t in range(5)]  # 5 decode steps
+        logits.append(torch.cat(steps, dim=1))
+        caches.append(cache)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5), diff(logits[0], logits[1])
+    for l in range(model.cfg.n_layer):
+        assert torch.equal(caches[0].length[l], counts + 5)
+        for b in range(2):
+            for h in range(2):
+                assert torch.equal(caches[0].kept_positions(l, b, h), caches[1].kept_positions(l, b, h))
+
+
+def test_evict_by_score_keeps_the_top_tokens_with_sink_and_window():
+    """cache.evict keeps each head's highest-scoring tokens plus sink and window; ties go to the later token."""
+    cfg = GPTConfig(vocab_size=10, block_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=8, mlp_hidden=8)
+    cache = KVCache(cfg, 1)
+    cache.prefill(0, torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4))
+    scores = torch.tensor([[[0., 9, 1, 8, 1, 1, 7, 0, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5, 5, 5]]])
+    cache.evict(0, scores, torch.tensor([[5, 4]]), sink=1, window=1)
+    assert cache.kept_positions(0, 0, 0).tolist() == [0, 1, 3, 6, 9]  # sink 0, window 9, best 1, 3, 6
+    assert cache.kept_positions(0, 0, 1).tolist() == [0, 7, 8, 9]  # all tied: the most recent win
+    assert cache.nbytes() == 2 * 9 * 4 * 4
+
+
 @pytest.mark.parametrize("idx, counts, message", [
     (torch.tensor([[[0, -1], [0, 1]]]), None, "lie in"),
     (torch.tensor([[[1, 1], [0, 1]]]), None, "distinct"),
