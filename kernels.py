@@ -18,16 +18,18 @@ and last `window` tokens are always kept. Scores are compared as fp32 (-0.0 ties
 above +inf as in torch.sort), protected tokens above everything.
 
 Shapes: B batch, H KV heads, G query heads per KV head, T tokens, D head dim, K kept tokens per
-head, N packed rows (the sum of all capacities), P token chunks of the decode work list.
+head, N packed rows (the sum of all capacities), P parts of the decode token stream (one program each).
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
+import inspect
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -51,18 +53,33 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass
 class Tuning:
-    select_resident: int = 32768  # rows up to this long keep their keys in registers for the radix select
-    select_block: int = 4096  # tile of the threshold kernel on longer rows (streamed from L2 each round)
-    select_slice: int = 512  # tokens per program of the slice-count and compaction kernels
-    select_warps: int = 16  # one program per row: 32k keys over 512 threads
-    copy_rows: int = 64  # packed rows per copy tile of the compaction kernel
-    decode_block_n: int = 64  # keys per inner tile of the decode kernel
-    decode_chunks_per_sm: int = 8  # the work list holds about this many token chunks per SM
-    decode_max_chunk: int = 4096  # longest chunk (tokens) one decode program reads
-    decode_stages: int = 3  # software pipelining depth of the K/V loads
+    """Block sizes and launch shapes of the v3 kernels; the benchmark prints variant rows of some of them."""
+    select_slice: int = 2048  # tokens per program of the radix rounds and the compaction (a power of two)
+    select_warps: int = 4  # warps per radix-round program: 2048 keys -> 16 per thread
+    copy_rows: int = 64  # packed rows per copy tile of the compaction kernel (64 x 128 bf16 = 16 KB)
+    copy_warps: int = 4  # warps per compaction program
+    decode_block_n: int = 64  # keys per inner tile of the decode kernel (one size for every chunk: one compile)
+    decode_warps: int = 4  # warps per decode program
+    decode_stages: int = 3  # software pipelining depth of the K/V loads (3 x 2 x 16 KB of shared memory)
+    decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
+    decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
+    combine_block: int = 64  # partial results per tile of the combine kernel
 
 
 TUNING = Tuning()
+
+
+@contextlib.contextmanager
+def tuned(**overrides):
+    """Run a block with some TUNING fields changed (the benchmark's variant rows, the tests)."""
+    saved = {name: getattr(TUNING, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(TUNING, name, value)
+    try:
+        yield TUNING
+    finally:
+        for name, value in saved.items():
+            setattr(TUNING, name, value)
 
 
 class PackedKV(NamedTuple):
@@ -211,13 +228,23 @@ def evict_v2(k, v, scores, counts, sink=0, window=0, slack=32):
 
 
 # -----------------------------------------------------------------------------
-# evict, v3: radix select of each row's threshold key, per-slice counts, then a sliced compaction
-#   _threshold_kernel    one program per row: 3 histogram rounds (11 + 11 + 10 bits) -> the count-th key
-#   _slice_count_kernel  one program per 512 tokens: keys above / equal to the threshold
-#   _compact_kernel      one program per 512 tokens: its output offset from the counts of earlier slices,
-#                        positions by block-local prefix sums, then a dense copy of its kept K/V rows
+# evict, v3: a radix select of each row's threshold key spread over slices of the row, then a sliced compaction
+#   _radix_round_kernel  4 launches, (slices, rows) programs each: round r histograms digit r (8 bits, from the
+#                        top) of the keys still tied with the count-th largest on the higher digits; the slices
+#                        of a row add their 256 bins into one row histogram (integer atomics: the same sums in
+#                        any order). The last round also stores each slice's own bins for the compaction.
+#   _compact_kernel      (slices, rows) programs: the threshold from the row histograms, this slice's output
+#                        offset from the bins of earlier slices, positions by block-local prefix sums, then a
+#                        dense copy of its kept K/V rows
+# Why this shape: one program per row (32 rows) leaves 100 of 132 SMs idle, and tl.histogram costs grow with
+# the bin count (2048 bins cost ~9x what 256 do per key), so 8-bit digits over many programs per row.
 
 INT32_MIN = tl.constexpr(-2 ** 31)
+RADIX_BITS, RADIX_ROUNDS = 8, 4  # 8-bit digits: 4 rounds resolve a 32-bit key (host values)
+BITS = tl.constexpr(RADIX_BITS)  # the same values for the kernels (Triton reads constexpr globals only)
+BINS = tl.constexpr(2 ** RADIX_BITS)
+ROUNDS = tl.constexpr(RADIX_ROUNDS)
+HISTOGRAM_MASK = tl.constexpr(HAVE_TRITON and "mask" in inspect.signature(tl.histogram).parameters)  # Triton 3.4+
 
 
 @triton.jit
@@ -233,82 +260,66 @@ def _score_keys(row_ptr, offs_t, T, sink, window):
 
 
 @triton.jit
-def _digit_histogram(row_ptr, keys_row, T, sink, window, prefix, MATCH_SHIFT: tl.constexpr, SHIFT: tl.constexpr,
-                     BITS: tl.constexpr, RESIDENT: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Histogram of key bits [SHIFT, SHIFT + BITS) over the keys whose bits above MATCH_SHIFT equal prefix.
+def _replay_rounds(hist_ptr, count, ROUNDS: tl.constexpr):
+    """Follow the count-th largest key through the first ROUNDS row histograms (BINS each).
 
-    Keys are compared unsigned (u = key + 2^31); every other key, and the padding, lands in bin 0.
+    Returns (prefix, above, n_in): the digits picked so far as one integer (the bucket), the keys of the
+    row above the bucket, and the keys in it. Digits are of the unsigned key u = key + 2^31.
     """
-    hist = tl.zeros([1 << BITS], tl.int32)
-    for t0 in range(0, 1 if RESIDENT else T, BLOCK_T):  # resident: one tile, the keys already in registers
-        if RESIDENT:
-            u = keys_row ^ INT32_MIN
-        else:
-            u = _score_keys(row_ptr, t0 + tl.arange(0, BLOCK_T), T, sink, window) ^ INT32_MIN
-        digit = (u >> SHIFT) & ((1 << BITS) - 1)  # (& also undoes the sign extension of >>)
-        if MATCH_SHIFT < 32:
-            digit = tl.where(((u >> MATCH_SHIFT) & ((1 << (32 - MATCH_SHIFT)) - 1)) == prefix, digit, 0)
-        hist += tl.histogram(digit, 1 << BITS)
-    return hist
+    offs_b = tl.arange(0, BINS)
+    prefix = count.to(tl.int64) * 0
+    above = count * 0
+    n_in = count * 0
+    for r in tl.static_range(ROUNDS):
+        hist = tl.load(hist_ptr + r * BINS + offs_b)  # (bins,) keys of the bucket per next digit
+        at_or_above = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # (bins,) non-increasing
+        digit = tl.sum((at_or_above >= count).to(tl.int32), 0) - 1  # the last bin still holding the count-th
+        n_in = tl.sum(tl.where(offs_b == digit, hist, 0), 0)
+        above = tl.sum(tl.where(offs_b == digit, at_or_above, 0), 0) - n_in
+        prefix = prefix * BINS + digit
+    return prefix, above, n_in
 
 
 @triton.jit
-def _pick_digit(hist, n_other, above, count, BITS: tl.constexpr):
-    """The digit holding the count-th largest key -> (digit, keys above that digit, keys in it)."""
-    offs = tl.arange(0, 1 << BITS)
-    hist = hist - tl.where(offs == 0, n_other, 0)  # the keys outside the bucket sat in bin 0
-    at_or_above = above + tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # (bins,) non-increasing
-    digit = tl.sum((at_or_above >= count).to(tl.int32), 0) - 1
-    in_digit = tl.sum(tl.where(offs == digit, hist, 0), 0)
-    return digit, tl.sum(tl.where(offs == digit, at_or_above, 0), 0) - in_digit, in_digit
-
-
-@triton.jit
-def _threshold_kernel(
+def _radix_round_kernel(
     scores_ptr,  # (B*H, T) any float dtype, contiguous
     count_ptr,  # (B*H,) int64 tokens each head keeps
-    thr_ptr,  # (B*H,) int32 out: the count-th largest key of each row
-    T,  # tokens per row
-    sink,  # first tokens always kept
-    window,  # last tokens always kept
-    RESIDENT: tl.constexpr,  # one BLOCK_T tile holds the whole row: its keys stay in registers
-    BLOCK_T: tl.constexpr,  # tokens per tile (next power of two >= T when resident)
-):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = scores_ptr + row * T
-    count = tl.load(count_ptr + row).to(tl.int32)
-    keys_row = _score_keys(row_ptr, tl.arange(0, BLOCK_T), T, sink, window) if RESIDENT else None
-    lanes = BLOCK_T * tl.cdiv(T, BLOCK_T)  # keys histogrammed, padding included
-    # radix select, 11 + 11 + 10 bits from the top: each round keeps the digit that holds the count-th
-    # largest key; `above` counts the keys already known to be larger, `n_in` the keys still in the bucket
-    d1, above, n_in = _pick_digit(_digit_histogram(row_ptr, keys_row, T, sink, window, 0, 32, 21, 11, RESIDENT,
-                                                   BLOCK_T), lanes - T, 0, count, 11)
-    d2, above, n_in = _pick_digit(_digit_histogram(row_ptr, keys_row, T, sink, window, d1, 21, 10, 11, RESIDENT,
-                                                   BLOCK_T), lanes - n_in, above, count, 11)
-    d3, above, n_in = _pick_digit(_digit_histogram(row_ptr, keys_row, T, sink, window, d1 * 2048 + d2, 10, 0, 10,
-                                                   RESIDENT, BLOCK_T), lanes - n_in, above, count, 10)
-    thr = (d1.to(tl.int64) * 2 ** 21 + d2 * 2 ** 10 + d3) - 2 ** 31  # back to a signed key
-    tl.store(thr_ptr + row, thr.to(tl.int32))
-
-
-@triton.jit
-def _slice_count_kernel(
-    scores_ptr,  # (B*H, T) the same scores
-    thr_ptr,  # (B*H,) int32 from _threshold_kernel
-    gt_ptr,  # (B*H, n_slices) int32 out: keys above the threshold per slice
-    eq_ptr,  # (B*H, n_slices) int32 out: keys equal to the threshold per slice
+    hist_ptr,  # (B*H, ROUNDS, BINS) int32, zeroed: row histograms, summed atomically
+    gt_ptr,  # (B*H, n_slices, BINS) int32 out (last round): slice keys above each candidate threshold
+    eq_ptr,  # (B*H, n_slices, BINS) int32 out (last round): slice keys equal to each candidate
     T,  # tokens per row
     sink,  # first tokens always kept
     window,  # last tokens always kept
     n_slices,  # cdiv(T, SLICE)
+    ROUND: tl.constexpr,  # 0 .. ROUNDS - 1; the earlier rounds' histograms are complete
     SLICE: tl.constexpr,  # tokens per program
 ):
     slice_id = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
-    thr_key = tl.load(thr_ptr + row)
-    keys = _score_keys(scores_ptr + row * T, slice_id * SLICE + tl.arange(0, SLICE), T, sink, window)
-    tl.store(gt_ptr + row * n_slices + slice_id, tl.sum((keys > thr_key).to(tl.int32), 0))
-    tl.store(eq_ptr + row * n_slices + slice_id, tl.sum((keys == thr_key).to(tl.int32), 0))
+    count = tl.load(count_ptr + row).to(tl.int32)
+    hist_row = hist_ptr + row * (ROUNDS * BINS)
+    # every program replays the earlier rounds itself (a few 256-bin scans): no extra launch to pick digits
+    prefix, above, n_in = _replay_rounds(hist_row, count, ROUND)
+    low_bits: tl.constexpr = 32 - BITS * ROUND  # key bits not fixed by the prefix
+    lo = ((prefix << low_bits) - 2 ** 31).to(tl.int32)  # the bucket as signed keys lo .. hi (int64 shifts)
+    hi = (((prefix + 1) << low_bits) - 1 - 2 ** 31).to(tl.int32)
+    offs_t = slice_id * SLICE + tl.arange(0, SLICE)
+    keys = _score_keys(scores_ptr + row * T, offs_t, T, sink, window)  # (SLICE,)
+    in_bucket = (offs_t < T) & (keys >= lo) & (keys <= hi)
+    digit = ((keys ^ INT32_MIN) >> (low_bits - BITS)) & (BINS - 1)  # (& undoes the sign extension)
+    offs_b = tl.arange(0, BINS)
+    if HISTOGRAM_MASK:
+        hist = tl.histogram(digit, BINS, mask=in_bucket)
+    else:  # Triton < 3.4: keys outside the bucket land in bin 0 and are taken out again
+        hist = tl.histogram(tl.where(in_bucket, digit, 0), BINS)
+        hist -= tl.where(offs_b == 0, SLICE - tl.sum(in_bucket.to(tl.int32), 0), 0)
+    tl.atomic_add(hist_row + ROUND * BINS + offs_b, hist, mask=hist > 0, sem="relaxed")
+    if ROUND == ROUNDS - 1:  # the compaction's offsets: this slice's counts for every possible last digit
+        above_slice = tl.sum(((offs_t < T) & (keys > hi)).to(tl.int32), 0)
+        gt = above_slice + tl.sum(hist, 0) - tl.cumsum(hist, 0)  # (bins,) keys above candidate (prefix, b)
+        table = (row * n_slices + slice_id) * BINS + offs_b
+        tl.store(gt_ptr + table, gt)
+        tl.store(eq_ptr + table, hist)
 
 
 @triton.jit
@@ -316,9 +327,9 @@ def _compact_kernel(
     scores_ptr,  # (B*H, T) the same scores
     k_ptr,  # (B*H, T, D) keys, contiguous
     v_ptr,  # (B*H, T, D) values
-    thr_ptr,  # (B*H,) int32 from _threshold_kernel
-    gt_ptr,  # (B*H, n_slices) int32
-    eq_ptr,  # (B*H, n_slices) int32
+    hist_ptr,  # (B*H, ROUNDS, BINS) int32 row histograms from _radix_round_kernel
+    gt_ptr,  # (B*H, n_slices, BINS) int32 per-slice keys above each candidate threshold
+    eq_ptr,  # (B*H, n_slices, BINS) int32 per-slice keys equal to each candidate
     start_ptr,  # (B*H,) int64 first packed row of each head
     count_ptr,  # (B*H,) int64 tokens each head keeps
     capacity_ptr,  # (B*H,) int64 rows each head owns
@@ -331,7 +342,7 @@ def _compact_kernel(
     n_slices,  # cdiv(T, SLICE)
     D: tl.constexpr,  # head dim
     SLICE: tl.constexpr,  # tokens per program
-    BLOCK_S: tl.constexpr,  # next power of two >= n_slices
+    BLOCK_S: tl.constexpr,  # earlier slices summed per step
     BLOCK_R: tl.constexpr,  # packed rows per copy tile
     BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
@@ -339,21 +350,25 @@ def _compact_kernel(
     row = tl.program_id(1).to(tl.int64)
     start = tl.load(start_ptr + row)
     count = tl.load(count_ptr + row)
-    thr_key = tl.load(thr_ptr + row)
-    # where this slice's kept rows go: the kept rows of earlier slices, ties kept last-by-index
-    offs_s = tl.arange(0, BLOCK_S)
-    gt = tl.load(gt_ptr + row * n_slices + offs_s, mask=offs_s < n_slices, other=0)
-    eq = tl.load(eq_ptr + row * n_slices + offs_s, mask=offs_s < n_slices, other=0)
-    skip = tl.sum(eq, 0) - (count - tl.sum(gt, 0))  # the first `skip` ties by index are evicted
-    ties_before = tl.cumsum(eq, 0) - eq  # (BLOCK_S,) exclusive
-    kept = gt + tl.minimum(eq, tl.maximum(ties_before + eq - skip, 0))
-    first = tl.sum(tl.where(offs_s < slice_id, kept, 0), 0).to(tl.int64)
-    ties_seen = tl.sum(tl.where(offs_s == slice_id, ties_before, 0), 0)
+    # the threshold: the count-th largest key; `above` keys beat it, `n_eq` tie with it
+    thr_u, above, n_eq = _replay_rounds(hist_ptr + row * (ROUNDS * BINS), count.to(tl.int32), ROUNDS)
+    thr_key = (thr_u - 2 ** 31).to(tl.int32)
+    last_digit = thr_u & (BINS - 1)
+    skip = n_eq - (count.to(tl.int32) - above)  # ties evicted: the first `skip` by token index
+    # where this slice's kept rows go: the kept rows of earlier slices (ties there are the lowest indices)
+    gt_before = count.to(tl.int32) * 0
+    eq_before = count.to(tl.int32) * 0
+    for s0 in range(0, slice_id, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        table = (row * n_slices + offs_s) * BINS + last_digit
+        gt_before += tl.sum(tl.load(gt_ptr + table, mask=offs_s < slice_id, other=0), 0)
+        eq_before += tl.sum(tl.load(eq_ptr + table, mask=offs_s < slice_id, other=0), 0)
+    first = (gt_before + tl.maximum(eq_before - skip, 0)).to(tl.int64)
     # 1. positions: block-local prefix sums in ascending token order
     offs_t = slice_id * SLICE + tl.arange(0, SLICE)
     keys = _score_keys(scores_ptr + row * T, offs_t, T, sink, window)
-    tie = keys == thr_key
-    keep = (keys > thr_key) | (tie & (ties_seen + tl.cumsum(tie.to(tl.int32), 0) > skip))
+    tie = (keys == thr_key) & (offs_t < T)
+    keep = ((keys > thr_key) & (offs_t < T)) | (tie & (eq_before + tl.cumsum(tie.to(tl.int32), 0) > skip))
     slot = first + tl.cumsum(keep.to(tl.int32), 0) - 1
     tl.store(pos_ptr + start + slot, offs_t.to(tl.int64), mask=keep & (slot < count))  # never past the head
     n_keep = tl.minimum(tl.sum(keep.to(tl.int32), 0), tl.maximum(count - first, 0))
@@ -377,23 +392,20 @@ def _compact_kernel(
 
 
 def _select(scores, counts, sink, window):
-    """Launch the threshold and slice-count kernels -> thr (B*H,), gt and eq (B*H, n_slices), slice length."""
+    """The radix rounds -> row histograms (B*H, 4, 256), per-slice tables gt, eq (B*H, n_slices, 256), SLICE."""
     B, H, T = scores.shape
-    resident = triton.next_power_of_2(T) <= TUNING.select_resident
-    block_t = triton.next_power_of_2(T) if resident else TUNING.select_block
-    slice_len = min(TUNING.select_slice, triton.next_power_of_2(T))
+    slice_len = TUNING.select_slice  # one size for every T: GPU tests and runs compile it once
     n_slices = triton.cdiv(T, slice_len)
-    thr = torch.empty(B * H, dtype=torch.int32, device=scores.device)
-    gt, eq = (torch.empty(B * H, n_slices, dtype=torch.int32, device=scores.device) for _ in range(2))
-    _threshold_kernel[(B * H,)](scores, counts, thr, T, sink, window, RESIDENT=resident, BLOCK_T=block_t,
-                                num_warps=TUNING.select_warps)
-    _slice_count_kernel[(n_slices, B * H)](scores, thr, gt, eq, T, sink, window, n_slices, SLICE=slice_len,
-                                           num_warps=4)
-    return thr, gt, eq, slice_len
+    hist = torch.zeros(B * H, RADIX_ROUNDS, 2 ** RADIX_BITS, dtype=torch.int32, device=scores.device)
+    gt, eq = (torch.empty(B * H, n_slices, 2 ** RADIX_BITS, dtype=torch.int32, device=scores.device) for _ in range(2))
+    for r in range(RADIX_ROUNDS):
+        _radix_round_kernel[(n_slices, B * H)](scores, counts, hist, gt, eq, T, sink, window, n_slices, ROUND=r,
+                                               SLICE=slice_len, num_warps=TUNING.select_warps)
+    return hist, gt, eq, slice_len
 
 
 def evict_v3(k, v, scores, counts, sink=0, window=0, slack=32):
-    """Triton threshold search, slice counts, sliced compaction: 3 launches, no sync (counts on the host)."""
+    """Triton radix select (4 rounds) and sliced compaction: 5 launches and a memset, no sync."""
     counts = _check_evict(k, v, scores, counts, sink, window, slack)
     _check_v3_device(k)
     B, H, T, D = k.shape
@@ -402,12 +414,12 @@ def evict_v3(k, v, scores, counts, sink=0, window=0, slack=32):
     k_out, v_out = k.new_empty(N, D), v.new_empty(N, D)
     if N == 0:  # nothing kept, no spare rows: nothing to launch
         return PackedKV(k_out, v_out, pos, start, length, capacity)
-    thr, gt, eq, slice_len = _select(scores, length, sink, window)
+    hist, gt, eq, slice_len = _select(scores, length, sink, window)
     n_slices = gt.shape[1]
     _compact_kernel[(n_slices, B * H)](
-        scores, k, v, thr, gt, eq, start, length, capacity, pos, k_out, v_out, T, sink, window, n_slices, D=D,
-        SLICE=slice_len, BLOCK_S=triton.next_power_of_2(n_slices), BLOCK_R=TUNING.copy_rows,
-        BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        scores, k, v, hist, gt, eq, start, length, capacity, pos, k_out, v_out, T, sink, window, n_slices, D=D,
+        SLICE=slice_len, BLOCK_S=64, BLOCK_R=TUNING.copy_rows, BLOCK_D=triton.next_power_of_2(D),
+        num_warps=TUNING.copy_warps)
     return PackedKV(k_out, v_out, pos, start, length, capacity)
 
 
@@ -480,15 +492,31 @@ def decode_v2(q, k_packed, v_packed, start, length, scale=None):
 
 
 # -----------------------------------------------------------------------------
-# decode attention, v3: split-KV over a work list of token chunks, then a log-sum-exp combine
+# decode attention, v3: split-KV over equal parts of one token stream, then a log-sum-exp combine
+#   The kept rows of all heads, laid end to end, form one stream of sum(length) tokens. It is cut into
+#   parts of `width` tokens, one program each, so every program reads the same number of bytes however
+#   skewed the per-head lengths are (a work list of fixed chunks per head leaves a long head's chunks to
+#   a few late waves, and many short programs pay their start-up latency many times).
+#   _decode_split_kernel    one program per part: an online softmax over each head segment in its part
+#                           (most parts hold one or two); partial result of (part p, head h) in slot p + h
+#   _decode_combine_kernel  one program per (head, query head of the group): the log-sum-exp merge of the
+#                           head's parts p_first .. p_last, found by arithmetic, not by a table
+# Slot p + h is unique: walking the stream, each new segment moves to the next part or the next head (or
+# both), so p + h strictly increases; hence P + B*H slots suffice.
 
 
 @triton.jit
-def _chunk_table(length_ptr, n_heads, chunk, BLOCK_HEADS: tl.constexpr):
-    """The work list, on the fly: head i owns chunks ends[i] - n_chunks[i] ... ends[i] - 1."""
+def _token_stream(length_ptr, n_heads, n_parts, chunk, min_chunk, BLOCK_HEADS: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Head ends in the token stream (BLOCK_HEADS,), lengths, the total and the part width (scalars)."""
     offs_h = tl.arange(0, BLOCK_HEADS)
-    n_chunks = (tl.load(length_ptr + offs_h, mask=offs_h < n_heads, other=0) + chunk - 1) // chunk
-    return offs_h, n_chunks, tl.cumsum(n_chunks, 0)
+    lengths = tl.load(length_ptr + offs_h, mask=offs_h < n_heads, other=0)  # (BLOCK_HEADS,) int64
+    ends = tl.cumsum(lengths, 0)  # (BLOCK_HEADS,) where each head's segment of the stream ends
+    total = tl.sum(lengths, 0)
+    auto = (total + n_parts - 1) // n_parts  # equal parts of the whole stream ...
+    auto = tl.maximum((auto + BLOCK_N - 1) // BLOCK_N * BLOCK_N, min_chunk)  # ... in whole tiles, not too short
+    width = tl.where(chunk > 0, chunk + 0 * total, auto)  # a caller's chunk wins (tests, tuning)
+    return offs_h, lengths, ends, total, width
 
 
 @triton.jit
@@ -498,11 +526,13 @@ def _decode_split_kernel(
     v_ptr,  # (N, D) packed values
     start_ptr,  # (B*H,) int64 first row of each head
     length_ptr,  # (B*H,) int64 rows each head attends to
-    o_part_ptr,  # (P, G, D) fp32 out: each chunk's normalised output
-    lse_part_ptr,  # (P, G) fp32 out: each chunk's log2-sum-exp2
+    o_part_ptr,  # (P + B*H, G, D) fp32 out: each segment's normalised output, slot part + head
+    lse_part_ptr,  # (P + B*H, G) fp32 out: each segment's log2-sum-exp2
     n_heads,  # B*H
     n_rows,  # N (reads never leave the packed tensors)
-    chunk,  # tokens per work item
+    n_parts,  # P, the grid: the stream is cut into at most this many parts
+    chunk,  # tokens per part, or 0: cdiv(total, P) rounded up to whole tiles, at least min_chunk
+    min_chunk,  # shortest automatic part
     qk_scale,  # softmax scale * log2(e)
     G,  # query heads per KV head
     D: tl.constexpr,  # head dim
@@ -513,88 +543,101 @@ def _decode_split_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_F32: tl.constexpr,  # upcast dot operands (the Triton 3.9 interpreter's bf16 tl.dot is wrong)
 ):
-    item = tl.program_id(0).to(tl.int64)
-    offs_h, n_chunks, ends = _chunk_table(length_ptr, n_heads, chunk, BLOCK_HEADS)
-    if item >= tl.sum(n_chunks, 0):  # the grid is an upper bound on the work list
+    part = tl.program_id(0).to(tl.int64)
+    offs_h, lengths, ends, total, width = _token_stream(length_ptr, n_heads, n_parts, chunk, min_chunk,
+                                                        BLOCK_HEADS, BLOCK_N)
+    lo = part * width  # this part is stream tokens lo .. hi - 1
+    hi = tl.minimum(lo + width, total)
+    if lo >= hi:  # the grid is an upper bound on the parts
         return
-    head = tl.sum((ends <= item).to(tl.int32), 0)  # the head whose chunk range holds this item
-    first = tl.sum(tl.where(offs_h == head, ends - n_chunks, 0), 0)
-    row0 = tl.load(start_ptr + head)
-    t0 = (item - first) * chunk
-    t1 = tl.minimum(t0 + chunk, tl.load(length_ptr + head))
+    first_head = tl.sum((ends <= lo).to(tl.int32), 0)  # heads that end before the part are skipped
+    last_head = tl.sum((ends - lengths < hi).to(tl.int32), 0) - 1  # the last head that starts inside it
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     mask_gd = (offs_g[:, None] < G) & (offs_d[None, :] < D)
-    q = tl.load(q_ptr + (head * G + offs_g)[:, None] * D + offs_d[None, :], mask=mask_gd, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(t0, t1, BLOCK_N):  # the G query heads share one read of each K/V tile
-        rows = row0 + n0 + tl.arange(0, BLOCK_N)
-        mask_n = (rows < row0 + t1) & (rows >= 0) & (rows < n_rows)
-        mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
-        k = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)  # (BLOCK_N, BLOCK_D)
+    for head in range(first_head, last_head + 1):
+        head_end = tl.sum(tl.where(offs_h == head, ends, 0), 0)
+        head_begin = head_end - tl.sum(tl.where(offs_h == head, lengths, 0), 0)
+        t0 = tl.maximum(lo, head_begin) - head_begin  # this segment: the head's rows t0 .. t1 - 1
+        t1 = tl.minimum(hi, head_end) - head_begin
+        row0 = tl.load(start_ptr + head)
+        q = tl.load(q_ptr + (head * G + offs_g)[:, None] * D + offs_d[None, :], mask=mask_gd, other=0.0)
         if DOT_F32:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
-        if DOT_F32:
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
-    out_offs = (item * G + offs_g)[:, None] * D + offs_d[None, :]
-    tl.store(o_part_ptr + out_offs, acc / l[:, None], mask=mask_gd)
-    tl.store(lse_part_ptr + item * G + offs_g, m + tl.log2(l), mask=offs_g < G)
+            q = q.to(tl.float32)
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(t0, t1, BLOCK_N):  # the G query heads share one read of each K/V tile
+            rows = row0 + n0 + tl.arange(0, BLOCK_N)
+            mask_n = (rows < row0 + t1) & (rows >= 0) & (rows < n_rows)
+            mask_nd = mask_n[:, None] & (offs_d[None, :] < D)
+            k = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)  # (BLOCK_N, BLOCK_D)
+            if DOT_F32:
+                k = k.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
+            if DOT_F32:
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        slot = part + head
+        # an empty head inside the part writes nothing (its slot may be another segment's)
+        write_g = (offs_g < G) & (t0 + 0 * offs_g < t1)  # (BLOCK_G,)
+        tl.store(o_part_ptr + (slot * G + offs_g)[:, None] * D + offs_d[None, :], acc / l[:, None],
+                 mask=write_g[:, None] & (offs_d[None, :] < D))
+        tl.store(lse_part_ptr + slot * G + offs_g, m + tl.log2(l), mask=write_g)
 
 
 @triton.jit
 def _decode_combine_kernel(
-    o_part_ptr,  # (P, G, D) fp32 per-chunk outputs
-    lse_part_ptr,  # (P, G) fp32 per-chunk log2-sum-exp2
+    o_part_ptr,  # (P + B*H, G, D) fp32 per-segment outputs
+    lse_part_ptr,  # (P + B*H, G) fp32 per-segment log2-sum-exp2
     length_ptr,  # (B*H,) int64
     out_ptr,  # (B*H, G, D) out, in the query dtype
     n_heads,  # B*H
-    n_parts,  # P (rows of the partial buffers)
-    chunk,  # tokens per work item
+    n_parts,  # P, as in the split kernel
+    chunk,  # as in the split kernel
+    min_chunk,  # as in the split kernel
     G,  # query heads per KV head
     D: tl.constexpr,  # head dim
     BLOCK_HEADS: tl.constexpr,  # next power of two >= B*H
-    BLOCK_C: tl.constexpr,  # chunks per tile
-    BLOCK_GD: tl.constexpr,  # BLOCK_G * BLOCK_D, (g, d) flattened with d fastest
+    BLOCK_N: tl.constexpr,  # the split kernel's tile (it rounds the part width)
+    BLOCK_C: tl.constexpr,  # partial results per tile
     BLOCK_D: tl.constexpr,  # next power of two >= D
 ):
     head = tl.program_id(0).to(tl.int64)
-    offs_h, n_chunks, ends = _chunk_table(length_ptr, n_heads, chunk, BLOCK_HEADS)
-    first = tl.sum(tl.where(offs_h == head, ends - n_chunks, 0), 0)
-    n = tl.sum(tl.where(offs_h == head, n_chunks, 0), 0)
-    offs_gd = tl.arange(0, BLOCK_GD)
-    g, d = offs_gd // BLOCK_D, offs_gd % BLOCK_D
-    mask_gd = (g < G) & (d < D)
-    m = tl.full([BLOCK_GD], float("-inf"), tl.float32)
-    for c0 in range(0, n, BLOCK_C):  # pass 1: the largest log-sum-exp of each query head
-        item = first + c0 + tl.arange(0, BLOCK_C)
-        mask = ((c0 + tl.arange(0, BLOCK_C) < n) & (item < n_parts))[:, None] & mask_gd[None, :]
-        lse = tl.load(lse_part_ptr + item[:, None] * G + g[None, :], mask=mask, other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse, 0))
-    m = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros([BLOCK_GD], tl.float32)
-    acc = tl.zeros([BLOCK_GD], tl.float32)
-    for c0 in range(0, n, BLOCK_C):  # pass 2: weight each chunk by 2^(lse - m)
-        item = first + c0 + tl.arange(0, BLOCK_C)
-        mask = ((c0 + tl.arange(0, BLOCK_C) < n) & (item < n_parts))[:, None] & mask_gd[None, :]
-        w = tl.exp2(tl.load(lse_part_ptr + item[:, None] * G + g[None, :], mask=mask, other=float("-inf")) - m)
-        o = tl.load(o_part_ptr + (item[:, None] * G + g[None, :]) * D + d[None, :], mask=mask, other=0.0)
-        l += tl.sum(w, 0)
-        acc += tl.sum(w * o, 0)
+    g = tl.program_id(1)
+    offs_h, lengths, ends, total, width = _token_stream(length_ptr, n_heads, n_parts, chunk, min_chunk,
+                                                        BLOCK_HEADS, BLOCK_N)
+    head_end = tl.sum(tl.where(offs_h == head, ends, 0), 0)
+    head_len = tl.sum(tl.where(offs_h == head, lengths, 0), 0)
+    p_first = (head_end - head_len) // width  # the parts that hold this head's rows
+    n = tl.where(head_len > 0, (head_end - 1) // width - p_first + 1, 0)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    l = (head_len * 0).to(tl.float32)  # scalar running sums
+    m = l - float("inf")
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, n, BLOCK_C):  # one pass: rescale the running sums when the maximum grows
+        slot = p_first + c0 + offs_c + head  # (BLOCK_C,)
+        mask_c = (c0 + offs_c < n) & (slot < n_parts + n_heads)  # (lengths past N never read past the buffer)
+        lse = tl.load(lse_part_ptr + slot * G + g, mask=mask_c, other=float("-inf"))
+        o = tl.load(o_part_ptr + (slot * G + g)[:, None] * D + offs_d[None, :],
+                    mask=mask_c[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_C, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: weights 0, not NaN
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)  # (BLOCK_C,)
+        l = l * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m = m_new
     out = tl.where(l > 0, acc / l, 0.0)  # an empty head attends to nothing: zeros
-    tl.store(out_ptr + (head * G + g) * D + d, out.to(out_ptr.dtype.element_ty), mask=mask_gd)
+    tl.store(out_ptr + (head * G + g) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -602,38 +645,36 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _auto_chunk(n_rows, device):
-    sms = _sm_count(device)
-    target = max(1, n_rows // (TUNING.decode_chunks_per_sm * sms))
-    return min(max(triton.next_power_of_2(target), TUNING.decode_block_n), TUNING.decode_max_chunk)
-
-
 def decode_v3(q, k_packed, v_packed, start, length, scale=None, chunk=None):
-    """Triton split-KV decode: 2 launches, metadata stays on the device (no sync)."""
+    """Triton split-KV decode: 2 launches, metadata stays on the device (no sync).
+
+    chunk: tokens per split program; None cuts the stream into Tuning.decode_programs_per_sm parts per SM.
+    """
     _check_decode(q, k_packed, v_packed, start, length, FLOAT_DTYPES)
     _check_v3_device(q)
     B, H, G, D = q.shape
     n_heads, n_rows = B * H, k_packed.shape[0]
-    if n_rows == 0:  # no rows at all: every head attends to nothing
+    if n_rows == 0 or n_heads == 0:  # no rows at all: every head attends to nothing
         return torch.zeros_like(q)
-    chunk = chunk or _auto_chunk(n_rows, q.device)
-    n_parts = n_rows // chunk + n_heads  # >= sum of ceil(length / chunk) whenever sum(length) <= N
-    o_part = torch.empty(n_parts, G, D, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(n_parts, G, dtype=torch.float32, device=q.device)
+    if chunk:  # enough parts for any lengths that fit the packed tensors (sum(length) <= N)
+        n_parts, min_chunk = triton.cdiv(n_rows, chunk), chunk
+    else:
+        n_parts, min_chunk, chunk = TUNING.decode_programs_per_sm * _sm_count(q.device), TUNING.decode_min_chunk, 0
+    o_part = torch.empty(n_parts + n_heads, G, D, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(n_parts + n_heads, G, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    block_heads, block_d = triton.next_power_of_2(n_heads), max(16, triton.next_power_of_2(D))
+    block_heads, block_d, block_n = triton.next_power_of_2(n_heads), max(16, triton.next_power_of_2(D)), \
+        TUNING.decode_block_n
     upcast = INTERPRET and q.dtype == torch.bfloat16
-    block_n = min(TUNING.decode_block_n, max(16, triton.next_power_of_2(chunk)))
     _decode_split_kernel[(n_parts,)](
-        q, k_packed, v_packed, start, length, o_part, lse_part, n_heads, n_rows, chunk, scale * math.log2(math.e),
-        G, D=D, BLOCK_HEADS=block_heads, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
-        BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32", DOT_F32=upcast,
-        num_warps=4, num_stages=TUNING.decode_stages)
-    block_gd = triton.next_power_of_2(G) * block_d
-    _decode_combine_kernel[(n_heads,)](
-        o_part, lse_part, length, out, n_heads, n_parts, chunk, G, D=D, BLOCK_HEADS=block_heads,
-        BLOCK_C=max(1, 8192 // block_gd), BLOCK_GD=block_gd, BLOCK_D=block_d, num_warps=4)
+        q, k_packed, v_packed, start, length, o_part, lse_part, n_heads, n_rows, n_parts, chunk, max(1, min_chunk),
+        scale * math.log2(math.e), G, D=D, BLOCK_HEADS=block_heads, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        BLOCK_N=block_n, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+        DOT_F32=upcast, num_warps=TUNING.decode_warps, num_stages=TUNING.decode_stages)
+    _decode_combine_kernel[(n_heads, G)](
+        o_part, lse_part, length, out, n_heads, n_parts, chunk, max(1, min_chunk), G, D=D, BLOCK_HEADS=block_heads,
+        BLOCK_N=block_n, BLOCK_C=TUNING.combine_block, BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -774,6 +815,21 @@ def _varlen(q, k_packed, v_packed, start, lengths):
     return run
 
 
+# variant rows of the benchmark: the same kernels under other TUNING values (pick defaults from one run)
+EVICT_VARIANTS = [("slice1024", dict(select_slice=1024, copy_rows=32)),  # 2x the programs, still one wave
+                  ("8 warps", dict(select_warps=8, copy_warps=8))]
+DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3)),
+                   ("n128w8s2", dict(decode_block_n=128, decode_warps=8, decode_stages=2))]
+
+
+def _with(overrides, fn):
+    """fn run under tuned(**overrides): a benchmark variant row."""
+    def run():
+        with tuned(**overrides):
+            return fn()
+    return run
+
+
 def bench(out=None, quick=False):
     """Print one table (and write JSON to `out`): evict, decode and append, each beside its baselines."""
     from triton.testing import do_bench
@@ -808,9 +864,12 @@ def bench(out=None, quick=False):
     for impl, note in (("v1", "topk + sort + gather"), ("v2", "torch.compile(v1)"), ("v3", "Triton select+compact")):
         add("evict", case, impl, lambda impl=impl: EVICT[impl](k, v, scores, counts, 4, 64), kv_bytes + 4 * B * H * T,
             note)
+    for label, overrides in EVICT_VARIANTS:  # the same kernels with other TUNING values, for choosing defaults
+        add("evict", case, f"v3 {label}", _with(overrides, lambda: evict_v3(k, v, scores, counts, 4, 64)),
+            kv_bytes + 4 * B * H * T, f"variant: {overrides}")
     counts_dev = counts.to(dev)
     add("evict", case, "v3 select only", lambda: _select(scores, counts_dev, 4, 64), 4 * B * H * T,
-        "diagnostic: threshold + slice counts")
+        "diagnostic: memset + 4 radix rounds")
     del k, v, scores, kept
 
     # decode: one query token per query head over a 20% packed cache
@@ -828,6 +887,9 @@ def bench(out=None, quick=False):
             nbytes = int(lengths.sum()) * 2 * D * elt
             for impl in ("v1", "v2", "v3") if shape == "spread" else ("v3",):
                 add("decode", case, f"{impl} {shape}", lambda impl=impl: DECODE[impl](q, kp, vp, start, length), nbytes)
+            for label, overrides in DECODE_VARIANTS if shape != "uniform" and name in ("D1", "D4") else ():
+                run = _with(overrides, lambda: decode_v3(q, kp, vp, start, length))
+                add("decode", case, f"v3 {shape} {label}", run, nbytes, f"variant: {overrides}")
             if shape == "spread":
                 add("decode", case, "varlen FA, head per seq", _varlen(q, kp, vp, start, lengths), nbytes,
                     "AdaKV's design")
@@ -857,6 +919,7 @@ def _report(rows, out):
     us = {(r["case"].split(":")[0], r["impl"]): r["us"] for r in rows}  # ("D1", "v3 spread") -> us
     base = {"evict": "v1", "decode": "SDPA flash, full cache", "append": "v1"}
     print(head)
+    print(f"v3 tuning: {asdict(TUNING)}")
     print(f"{'op':7} {'case':32} {'impl':26} {'us':>9} {'MB':>9} {'GB/s':>7} {'%roof':>6} {'speedup':>8}  note")
     for r in rows:
         cells = f"{'-':>9} {r['bytes'] / 1e6:9.2f}"
@@ -890,7 +953,8 @@ def _report(rows, out):
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump({"header": head, "device": props.name, "date": str(datetime.date.today()), "torch":
-                       torch.__version__, "triton": triton.__version__, "roof_gbps": roof, "rows": rows,
+                       torch.__version__, "triton": triton.__version__, "roof_gbps": roof, "tuning": asdict(TUNING),
+                       "rows": rows,
                        "targets": [dict(target=n, value=v, op=o, goal=g) for n, v, o, g in checks]}, f, indent=1)
         print(f"wrote {out}")
 
