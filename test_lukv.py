@@ -149,9 +149,11 @@ def _kernel_impls():
 @pytest.mark.parametrize("impl", _kernel_impls())
 def test_kernel_backed_cache_agrees_with_reference(impl):
     """The model decodes the same logits through kernels.py (evict, append, attend) as through the reference."""
-    model = tiny_model(n_kv_head=2)
+    import kernels
+    dev = "cpu" if impl == "v1" or kernels.INTERPRET else "cuda"  # v3 runs where Triton does
+    model = tiny_model(n_kv_head=2).to(dev)
     torch.manual_seed(3)
-    idx, scores = torch.randint(0, 97, (2, 40)), torch.rand(2, model.cfg.n_layer, 2, 40)  # (B, L, H, T)
+    idx, scores = torch.randint(0, 97, (2, 40), device=dev), torch.rand(2, model.cfg.n_layer, 2, 40)  # (B, L, H, T)
     counts = torch.tensor([[7, 19], [12, 40]])  # per (b, h): skewed, one head keeps everything
     logits, caches = [], []
     for cache_impl in ("reference", impl):
@@ -163,9 +165,9 @@ def test_kernel_backed_cache_agrees_with_reference(impl):
             steps = [model(idx[:, -1:] * 0 + t, cache=cache) for t in range(5)]  # 5 decode steps
         logits.append(torch.cat(steps, dim=1))
         caches.append(cache)
-    assert torch.allclose(logits[0], logits[1], atol=1e-5), diff(logits[0], logits[1])
+    assert torch.allclose(logits[0], logits[1], atol=1e-4 if dev == "cuda" else 1e-5), diff(logits[0], logits[1])
     for l in range(model.cfg.n_layer):
-        assert torch.equal(caches[0].length[l], counts + 5)
+        assert torch.equal(caches[0].length[l].cpu(), counts + 5)
         for b in range(2):
             for h in range(2):
                 assert torch.equal(caches[0].kept_positions(l, b, h), caches[1].kept_positions(l, b, h))
