@@ -880,7 +880,8 @@ if __name__ == "__main__":
     parser.add_argument("--taskloss", action="store_true", help="(ours) build the task-loss profile for --scorers")
     # ---- model and method
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--scorers", default=None, help="comma list (default: all for --eval/--profile, snapkv for --demo)")
+    parser.add_argument("--scorers", "--scorer", default=None,
+                        help="comma list (default: all for --eval/--profile, snapkv for --demo and --model)")
     parser.add_argument("--allocators", default=None, help="comma list (default: all)")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
@@ -898,6 +899,14 @@ if __name__ == "__main__":
     parser.add_argument("--json", default="lukv_eval.json")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="accuracy vs compression (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    # ---- a real model: a local Hugging Face Llama / Mistral / Qwen2 folder (hf.py; pip install -r requirements-hf.txt)
+    parser.add_argument("--model", default=None, metavar="FOLDER", help="profile / evaluate this folder, not --checkpoint")
+    parser.add_argument("--out", default=None, metavar="TABLE.npy", help="--profile --model: the kvpress table to write")
+    parser.add_argument("--text", default=None, metavar="PATH", help="--profile --model: calibration text file or folder "
+                                                                     "(default: generated prose)")
+    parser.add_argument("--table", default=None, metavar="TABLE.npy", help="--eval --model: a table for the lukv allocator")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="--model: weights and KV cache dtype (default: the checkpoint's)")
     args = parser.parse_args()
     if not (args.demo or args.profile or args.eval or args.full_cache or args.knockout or args.taskloss):
         parser.print_help()
@@ -905,6 +914,10 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon)
+    if args.model:  # hf.py loads the folder, profiles it or evaluates it, and that is all
+        import hf
+        hf.run_cli(args, cfg)
+        sys.exit(0)
     model, enc, meta = load_checkpoint(args.checkpoint)
     print(f"model: {args.checkpoint} ({model.num_params() / 1e6:.2f}M parameters, {model.cfg.n_layer} layers x "
           f"{model.cfg.n_kv_head} KV heads), trained by: {meta.get('command', '?')}")

@@ -7,6 +7,7 @@ KV cache, the model, generation, and checkpoints. Every budget in this project i
 its group of query heads reads it together.
 
     python model.py            # load the shipped checkpoint and print its size and cache bytes
+    GPT.from_pretrained("path/to/Llama-3.1-8B-Instruct")   # a local Hugging Face folder (hf.py)
 
 Shapes: B batch, L layers, H KV heads, G query heads per KV head, T tokens, D head dim,
 C model width, V vocabulary.
@@ -38,15 +39,18 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True  # the output head reuses the token embedding
+    # fields that only checkpoints of other projects set (GPT.from_pretrained); the defaults are the tiny model
+    head_dim: int = None  # per-head width; None = n_embd // n_head
+    rope_scaling: dict = None  # Hugging Face's, e.g. {"rope_type": "llama3", "factor": 8.0, ...}; None = plain RoPE
+    qkv_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    o_bias: bool = False  # the output projection carries a bias (Llama with attention_bias)
 
     def __post_init__(self):
-        assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}"
+        if self.head_dim is None:
+            assert self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}"
+            self.head_dim = self.n_embd // self.n_head
         assert self.n_head % self.n_kv_head == 0, \
             f"n_kv_head {self.n_kv_head} must divide n_head {self.n_head} (grouped-query attention)"
-
-    @property
-    def head_dim(self):
-        return self.n_embd // self.n_head
 
     @property
     def group(self):
@@ -68,12 +72,72 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
+def rope_frequencies(cfg):
+    """RoPE's inverse frequencies (D/2,) and the scale of cos/sin, stretched as the config's rope_scaling asks.
+
+    linear: every frequency / factor. llama3 (Llama 3.1): long wavelengths / factor, short ones
+    kept, a smooth ramp between. yarn (Qwen2.5's long context): a ramp between the two over the
+    dimensions, and cos/sin scaled by 0.1 ln(factor) + 1. The arithmetic follows Hugging Face's
+    order of operations, so the tables agree to the last bit in float32.
+    """
+    D = cfg.head_dim
+    dims = torch.arange(0, D, 2).float() / D  # (D/2,)
+    inv_freq = 1.0 / (cfg.rope_theta ** dims)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq, 1.0
+    missing = [k for k in {"linear": ["factor"], "yarn": ["factor", "original_max_position_embeddings"],
+                           "llama3": ["factor", "original_max_position_embeddings", "low_freq_factor",
+                                      "high_freq_factor"]}.get(kind, []) if scaling.get(k) is None]
+    if kind not in ("linear", "llama3", "yarn"):
+        raise ValueError(f"rope scaling {kind!r} is not supported; supported: default, linear, llama3, yarn")
+    if missing:
+        raise ValueError(f"rope scaling {kind!r} needs {missing} in rope_scaling, got {scaling}")
+    factor = scaling["factor"]
+    if kind == "linear":
+        return inv_freq / factor, 1.0
+    old_context = scaling["original_max_position_embeddings"]
+    if kind == "llama3":
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        stretched = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * stretched / factor + smooth * stretched
+        medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+        return torch.where(medium, smoothed, stretched), 1.0
+
+    # yarn
+    def mscale(scale, m=1):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    attention_scale = scaling.get("attention_factor")
+    if attention_scale is None:
+        attention_scale = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):  # the dimension whose wavelength fits `rotations` times into old_context
+        return D * math.log(old_context / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    lo, hi = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, D - 1)
+    ramp = torch.clamp((torch.arange(D // 2, dtype=torch.float32) - lo) / ((hi + 0.001 if lo == hi else hi) - lo), 0, 1)
+    extrapolate = 1 - ramp  # 1 = keep the original frequency, 0 = interpolate (divide by factor)
+    pos_freqs = cfg.rope_theta ** dims
+    return 1.0 / (factor * pos_freqs) * (1 - extrapolate) + inv_freq * extrapolate, float(attention_scale)
+
+
 def rope_tables(cfg, device=None):
     """cos and sin of shape (block_size, D) in the Hugging Face Llama layout (two halves)."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    inv_freq, scale = rope_frequencies(cfg)
+    inv_freq = inv_freq.to(device)
     angles = torch.outer(torch.arange(cfg.block_size, device=device).float(), inv_freq)  # (T, D/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, D)
-    return angles.cos(), angles.sin()
+    if scale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 def apply_rope(x, cos, sin):
@@ -99,10 +163,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         D = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * D, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * D, cfg.n_embd, bias=False)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * D, cfg.n_embd, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, cache=None, probe=None):
         cfg = self.cfg
@@ -430,6 +494,8 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
         for name, p in module.named_parameters(recurse=False):
             if name == "weight" and isinstance(module, nn.Linear) and module.out_features == self.cfg.n_embd:
                 # residual projections (o_proj, down_proj) start small, as in GPT-2
@@ -501,6 +567,53 @@ class GPT(nn.Module):
             logits = self(nxt, cache=cache, probe=probe)[:, -1]
         return torch.cat(out, dim=1), cache
 
+    @classmethod
+    def from_pretrained(cls, folder, device="cpu", dtype=None, block_size=None):
+        """Load a local Hugging Face Llama / Mistral / Qwen2 folder (config.json + *.safetensors).
+
+        Nothing is downloaded. The model is built without memory (on the meta device) and filled
+        one shard at a time, in the checkpoint's dtype unless dtype is given. block_size caps the
+        context RoPE tables are built for (default: the config's, or its sliding window if smaller).
+        Returns the model in eval mode; its KV cache, eviction and kernels are this file's.
+        """
+        from hf import hf_config, hf_weight_files  # config.json -> GPTConfig and the shard list live in hf.py
+        cfg, shards = hf_config(folder, block_size), hf_weight_files(folder)
+        try:
+            from safetensors import safe_open
+        except ImportError:
+            raise ImportError("reading a Hugging Face folder needs the safetensors package: "
+                              "pip install -r requirements-hf.txt") from None
+        with torch.device("meta"):
+            model = cls(cfg)  # shapes only, no memory
+        for shard in shards:
+            state = {}
+            with safe_open(shard, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    name = key.removeprefix("model.")  # our names are Hugging Face's without "model."
+                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
+                        continue  # recomputed here / the embedding is the output head
+                    state[name] = f.get_tensor(key)
+                    dtype = dtype or state[name].dtype  # the first tensor tells the checkpoint's dtype
+                    state[name] = state[name].to(dtype)
+            expected = model.state_dict()
+            unexpected = [k for k in state if k not in expected]
+            wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
+                     if k in expected and v.shape != expected[k].shape]
+            if unexpected or wrong:
+                raise RuntimeError(f"{shard} does not fit GPT({cfg}): unexpected tensors {unexpected[:5]}, "
+                                   f"shape mismatches (file vs model) {wrong[:5]}")
+            model.load_state_dict(state, strict=False, assign=True)  # the file's tensors become the parameters
+            del state
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise RuntimeError(f"{folder}: the weight files lack {len(missing)} tensors of GPT({cfg}), "
+                               f"e.g. {missing[:5]}; is the folder complete?")
+        cos, sin = rope_tables(cfg, device)
+        model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)  # (block_size, D) each
+        return model.requires_grad_(False).eval()
+
 
 # -----------------------------------------------------------------------------
 # checkpoints: weights, config, the tokenizer's hash, and how they were made
@@ -547,6 +660,7 @@ def load_checkpoint(path=DEFAULT_CHECKPOINT, device="cpu", dtype=torch.float32):
     if enc.n_vocab != cfg.vocab_size:
         raise ValueError(f"tokenizer {tok_path} has {enc.n_vocab} tokens, the checkpoint expects {cfg.vocab_size}")
     return model, enc, ckpt["meta"]
+
 
 
 if __name__ == "__main__":

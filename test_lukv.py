@@ -798,5 +798,5 @@ def test_ci_runs_the_readme_test_command():
     """.ci/run calls exactly the test command that README.md gives a new user."""
     readme = open(os.path.join(HERE, "README.md")).read()
     ci = open(os.path.join(HERE, ".ci", "run")).read()
-    command = "pip install -r requirements.txt && python -m pytest -q"
+    command = "pip install -r requirements.txt -r requirements-hf.txt && python -m pytest -q"
     assert command in readme and command in ci.splitlines()
