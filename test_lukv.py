@@ -800,3 +800,76 @@ def test_ci_runs_the_readme_test_command():
     ci = open(os.path.join(HERE, ".ci", "run")).read()
     command = "pip install -r requirements.txt -r requirements-hf.txt && python -m pytest -q"
     assert command in readme and command in ci.splitlines()
+
+
+# -----------------------------------------------------------------------------
+# known answers for the exercises (EXERCISES.md): scorers, baselines, knockout
+
+
+def test_snapkv_and_keydiff_known_answer():
+    """SnapKV sums the window's attention, averages the GQA group and max-pools; KeyDiff keeps the odd key out.
+
+    snapkv: 1 layer, 1 KV head, 2 query heads, 2 observing positions, 7 tokens, pool width 3.
+            query head 0 pays 0.8 to token 1 (first row) and 0.2 to token 4 (second row); query
+            head 1 pays nothing: summed and averaged [0, .4, 0, 0, .1, 0, 0]; max over each
+            3-wide neighbourhood -> [.4, .4, .4, .1, .1, .1, 0].
+    keydiff: keys (1, 0), (1, 0), (0, 1); their mean direction is (2, 1) / sqrt(5), so the cosines
+             are 2, 2, 1 over sqrt(5) and the scores their negatives: the third key ranks highest."""
+    attn = torch.zeros(1, 1, 2, 2, 7)  # (B, H, G, w, T)
+    attn[0, 0, 0, 0, 1], attn[0, 0, 0, 1, 4] = 0.8, 0.2
+    probe = Probe(prefill_attn={0: attn})
+    got = lukv.snapkv_scores(probe, LUKVConfig(snap_kernel=3))
+    want = torch.tensor([[[0.4, 0.4, 0.4, 0.1, 0.1, 0.1, 0.0]]])
+    assert torch.allclose(got, want, atol=1e-7), diff(got, want)
+    cfg = GPTConfig(vocab_size=10, block_size=8, n_layer=1, n_head=1, n_kv_head=1, n_embd=2, mlp_hidden=8)
+    cache = KVCache(cfg, 1)
+    keys = torch.tensor([[[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]]])  # (B, H, T, D)
+    cache.prefill(0, keys, keys)
+    got = lukv.keydiff_scores(cache)
+    want = -torch.tensor([[[2.0, 2.0, 1.0]]]) / 5 ** 0.5
+    assert torch.allclose(got, want, atol=1e-6), diff(got, want)
+
+
+def test_pyramid_and_adakv_known_answer():
+    """PyramidKV falls linearly from 2 * avg - avg / beta to avg / beta; AdaKV pools a layer's scores above a floor.
+
+    pyramid: 3 layers, T = 100, ratio 0.5: the average budget is 50, the last layer keeps 50 / 20
+             = 2.5 and the first 2 * 50 - 2.5 = 97.5 -> [97.5, 50, 2.5] for every head.
+    adakv: 1 layer, 2 heads, T = 10, ratio 0.5, no sink/window/min share: each head's floor is
+           int(0.2 * 5) = 1 token; the other 10 - 2 = 8 go to the layer's best remaining scores,
+           which all belong to head 0 -> [9, 1]."""
+    shares = lukv.pyramid_shares(3, 2, 100, 0.5)
+    assert np.allclose(shares, [[97.5, 97.5], [50, 50], [2.5, 2.5]]), shares
+    scores = torch.stack([torch.arange(10.0, 20.0), torch.arange(10.0)])[None]  # (L, H, T)
+    counts = lukv.adakv_counts(scores, 0.5, LUKVConfig(sink=0, window=0, min_share=0.0))
+    assert counts.tolist() == [[9, 1]]
+
+
+def test_knockout_cuts_each_head_once_and_nothing_when_the_window_covers_the_context(shipped, monkeypatch):
+    """knockout cuts exactly one head per run to sink + window (every head once per example); when sink +
+    window covers the context nothing is cut and every head scores the full-cache accuracy."""
+    enc = shipped[1]
+    torch.manual_seed(0)  # a random 2-layer model over the real tokenizer: fast, and the pipeline is the same
+    model = GPT(GPTConfig(vocab_size=shipped[0].cfg.vocab_size, block_size=512, n_layer=2, n_head=4, n_kv_head=2,
+                          n_embd=32, mlp_hidden=64)).eval()
+    calls, real_compress = [], lukv.compress
+
+    def recording_compress(cache, scores, counts):
+        calls.append(np.array(counts))
+        return real_compress(cache, scores, counts)
+
+    monkeypatch.setattr(lukv, "compress", recording_compress)
+    quiet = dict(log=lambda *a, **k: None)
+    acc = lukv.knockout(model, enc, ["niah_single", "vt"], 2, 64, 5, LUKVConfig(), **quiet)
+    assert acc.shape == (2, 2, 2) and ((acc >= 0) & (acc <= 1)).all(), acc
+    assert len(calls) == 2 * 2 * 2 * 2, f"expected one run per (family, example, layer, head), got {len(calls)}"
+    cut = []
+    for c in calls:
+        T = int(c.max())
+        assert (c != T).sum() == 1 and c.min() == 4 + 16, f"expected one head cut to sink + window, got {c.tolist()}"
+        cut.append(tuple(np.argwhere(c != T)[0]))
+    assert sorted(cut) == sorted([(l, h) for l in range(2) for h in range(2)] * 4), cut
+    wide = LUKVConfig(window=10_000)
+    acc = lukv.knockout(model, enc, ["niah_single"], 1, 64, 5, wide, **quiet)
+    full = lukv.evaluate(model, enc, {}, ["niah_single"], [], [], 1, 64, 5, wide, **quiet)["full"]["agnostic"]
+    assert (acc == full["niah_single"]).all(), (acc[..., 0], full)
