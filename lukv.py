@@ -51,6 +51,7 @@ class LUKVConfig:
     snap_window: int = 16  # SnapKV: how many last positions observe the context
     snap_kernel: int = 5  # SnapKV: max-pool width over tokens
     horizon: int = 16  # oracle: answer tokens the model generates after the question
+    stop_at_answer: bool = True  # oracle: the future ends at the answer's newline (False: always horizon steps)
     normalise_values: bool = True  # oracle: divide ||v W_O|| by its sum over the layer (official code)
 
     def floor(self, T):
@@ -458,7 +459,9 @@ def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length
     Returns {scorer: (99, L, H) mean prune ratios}.
     """
     rng = random.Random(f"calibration-{seed}")
-    stop = enc.encode_ordinary("\n")[0]
+    # the answers are short: with the stop token the future is the question plus the answer, and a
+    # longer horizon changes nothing; without it the model continues for exactly `horizon` steps
+    stop = enc.encode_ordinary("\n")[0] if cfg.stop_at_answer else None
     tables, t0 = {s: [] for s in scorers}, time.time()
     for i in range(n_contexts):
         ex = tasks.make_example("qa", rng, length, n_questions)
@@ -886,6 +889,8 @@ if __name__ == "__main__":
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=16, help="oracle: answer tokens generated after the question")
+    parser.add_argument("--past-answer", action="store_true",
+                        help="--profile: the oracle's future runs the full --horizon steps, past the answer's newline")
     # ---- data
     parser.add_argument("--length", type=int, default=1024, help="context tokens")
     parser.add_argument("--n", type=int, default=None, help="examples per family")
@@ -913,7 +918,7 @@ if __name__ == "__main__":
         sys.exit(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon)
+    cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, stop_at_answer=not args.past_answer)
     if args.model:  # hf.py loads the folder, profiles it or evaluates it, and that is all
         import hf
         hf.run_cli(args, cfg)
@@ -931,7 +936,8 @@ if __name__ == "__main__":
         scorers = args.scorers.split(",") if args.scorers else PROFILE_SCORERS
         tables = build_profile(model, enc, scorers, cfg, args.calib_contexts, args.calib_questions, args.length)
         for s, table in tables.items():
-            meta_p = profile_meta(s, model_id, cfg, horizon=cfg.horizon, normalise_values=cfg.normalise_values,
+            meta_p = profile_meta(s, model_id, cfg, horizon=cfg.horizon, stop_at_answer=cfg.stop_at_answer,
+                                  normalise_values=cfg.normalise_values,
                                   calibration=f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} "
                                               f"questions, {args.length} tokens, seed calibration-0")
             save_profile(profile_path(args.checkpoint, s), table, meta_p)
