@@ -265,8 +265,8 @@ class KVCache:
         self.slack = slack  # spare rows per head after prefill / keep / re-pack
         # who runs append / attend / evict: "reference" is the plain PyTorch below; "v1" / "v3" are
         # kernels.py's (v3 = Triton, CUDA or TRITON_INTERPRET=1). Default: Triton on CUDA, reference on CPU.
-        self.impl = impl or ("v3" if self.device.type == "cuda" and _kernels() is not None
-                             and _kernels().HAVE_TRITON else "reference")
+        kernels = _kernels() if self.device.type == "cuda" else None
+        self.impl = impl or ("v3" if kernels is not None and kernels.HAVE_TRITON else "reference")
         L, B, H = cfg.n_layer, batch_size, cfg.n_kv_head
         self.k = [None] * L
         self.v = [None] * L
@@ -334,14 +334,12 @@ class KVCache:
             _kernels().append_(self.k[layer], self.v[layer], self.pos[layer], self.start[layer], self.length[layer],
                                self.capacity[layer], k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
                                self.seen, impl=self.impl, check=False)  # capacity was checked just above
-            if layer == self.cfg.n_layer - 1:
-                self.seen += 1
-            return
-        row = self.start[layer] + self.length[layer]  # (B, H)
-        self.k[layer][row] = k.to(self.dtype)
-        self.v[layer][row] = v.to(self.dtype)
-        self.pos[layer][row] = self.seen
-        self.length[layer] += 1
+        else:
+            row = self.start[layer] + self.length[layer]  # (B, H)
+            self.k[layer][row] = k.to(self.dtype)
+            self.v[layer][row] = v.to(self.dtype)
+            self.pos[layer][row] = self.seen
+            self.length[layer] += 1
         if layer == self.cfg.n_layer - 1:
             self.seen += 1
 
