@@ -56,15 +56,16 @@ class Tuning:
     """Block sizes and launch shapes of the v3 kernels; the benchmark prints variant rows of some of them."""
     select_slice: int = 1024  # tokens per program of the radix rounds and the compaction (a power of two;
     #                           1024 beat 2048 on an H200, 2026-11-27: 277 vs 338 us at B=1, H=32, T=32k)
-    select_warps: int = 4  # warps per radix-round program: 2048 keys -> 16 per thread
+    select_warps: int = 4  # warps per radix-round program
+    radix_bits: int = 8  # bits per radix digit (2, 4 or 8): 32 / radix_bits rounds of 2^radix_bits bins
     copy_rows: int = 32  # packed rows per copy tile of the compaction kernel (32 x 128 bf16 = 8 KB)
     copy_warps: int = 4  # warps per compaction program
     decode_block_n: int = 64  # keys per inner tile of the decode kernel (one size for every chunk: one compile)
     decode_warps: int = 4  # warps per decode program
     decode_stages: int = 3  # software pipelining depth of the K/V loads (3 x 2 x 16 KB of shared memory)
-    decode_block_n_gqa: int = 128  # the same three when G > 1 query heads share a KV head: bigger tiles
-    decode_warps_gqa: int = 8  # (128 / 8 / 2 ran D4, G = 4, in 49 us against 77 us with 64 / 4 / 3 on an H200)
-    decode_stages_gqa: int = 2
+    decode_block_n_gqa: int = 64  # the same three when G > 1 query heads share a KV head: 64 / 4 / 3 beat
+    decode_warps_gqa: int = 4  # 128 / 8 / 2 on D2, D3 and D4 in CUDA-graph timings on an H100, 2026-11-27
+    decode_stages_gqa: int = 3  # (D2 94.2 vs 102.3 us; results/kernels_bench_h100_graphs.txt)
     decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
     decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
     combine_block: int = 64  # partial results per tile of the combine kernel
@@ -197,12 +198,27 @@ def _check_evict(k, v, scores, counts, sink, window, slack):
     return counts
 
 
+_LAYOUTS = {}  # (counts, slack, device) -> the layout's (3, B, H) device tensor and N: see _layout
+
+
 def _layout(counts, slack, device):
-    """start, length, capacity (B, H) on the device and N: heads packed back to back."""
-    capacity = counts + slack
-    start = torch.cumsum(capacity.flatten(), 0).view_as(capacity) - capacity  # exclusive prefix sum
-    meta = _to_device(torch.stack([start, counts, capacity]), device)  # (3, B, H) one copy
-    return meta[0], meta[1], meta[2], int(capacity.sum())
+    """start, length, capacity (B, H) on the device and N: heads packed back to back.
+
+    The host -> device copy of a layout is made once per distinct (counts, slack, device) and kept
+    in a small cache; a repeated call copies nothing from the host (a CUDA graph can record it, and
+    the host pays no pinned copy). Callers get a clone, which they may change in place (append
+    grows `length`).
+    """
+    key = (counts.numpy().tobytes(), tuple(counts.shape), slack, str(device))
+    if key not in _LAYOUTS:
+        capacity = counts + slack
+        start = torch.cumsum(capacity.flatten(), 0).view_as(capacity) - capacity  # exclusive prefix sum
+        if len(_LAYOUTS) >= 256:  # a bound, not a policy: callers with ever-new counts pay one copy each
+            _LAYOUTS.clear()
+        _LAYOUTS[key] = _to_device(torch.stack([start, counts, capacity]), device), int(capacity.sum())
+    meta, n_rows = _LAYOUTS[key]
+    meta = meta.clone()  # (3, B, H) a device copy: no host involved
+    return meta[0], meta[1], meta[2], n_rows
 
 
 def _pack(kept, k_kept, v_kept, counts, slack):
@@ -233,7 +249,7 @@ def evict_v2(k, v, scores, counts, sink=0, window=0, slack=32):
 
 # -----------------------------------------------------------------------------
 # evict, v3: a radix select of each row's threshold key spread over slices of the row, then a sliced compaction
-#   _radix_round_kernel  4 launches, (slices, rows) programs each: round r histograms digit r (8 bits, from the
+#   _radix_round_kernel  32 / BITS launches, (slices, rows) programs each: round r histograms digit r (from the
 #                        top) of the keys still tied with the count-th largest on the higher digits; the slices
 #                        of a row add their 256 bins into one row histogram (integer atomics: the same sums in
 #                        any order). The last round also stores each slice's own bins for the compaction.
@@ -241,13 +257,10 @@ def evict_v2(k, v, scores, counts, sink=0, window=0, slack=32):
 #                        offset from the bins of earlier slices, positions by block-local prefix sums, then a
 #                        dense copy of its kept K/V rows
 # Why this shape: one program per row (32 rows) leaves 100 of 132 SMs idle, and tl.histogram costs grow with
-# the bin count (2048 bins cost ~9x what 256 do per key), so 8-bit digits over many programs per row.
+# the bin count (2048 bins cost ~9x what 256 do per key), so small digits over many programs per row. The digit
+# width is Tuning.radix_bits (BITS): 32 / BITS rounds (ROUNDS) of 2^BITS bins (BINS) each.
 
 INT32_MIN = tl.constexpr(-2 ** 31)
-RADIX_BITS, RADIX_ROUNDS = 8, 4  # 8-bit digits: 4 rounds resolve a 32-bit key (host values)
-BITS = tl.constexpr(RADIX_BITS)  # the same values for the kernels (Triton reads constexpr globals only)
-BINS = tl.constexpr(2 ** RADIX_BITS)
-ROUNDS = tl.constexpr(RADIX_ROUNDS)
 HISTOGRAM_MASK = tl.constexpr(HAVE_TRITON and "mask" in inspect.signature(tl.histogram).parameters)  # Triton 3.4+
 
 
@@ -264,7 +277,7 @@ def _score_keys(row_ptr, offs_t, T, sink, window):
 
 
 @triton.jit
-def _replay_rounds(hist_ptr, count, ROUNDS: tl.constexpr):
+def _replay_rounds(hist_ptr, count, ROUNDS: tl.constexpr, BINS: tl.constexpr):
     """Follow the count-th largest key through the first ROUNDS row histograms (BINS each).
 
     Returns (prefix, above, n_in): the digits picked so far as one integer (the bucket), the keys of the
@@ -297,13 +310,16 @@ def _radix_round_kernel(
     n_slices,  # cdiv(T, SLICE)
     ROUND: tl.constexpr,  # 0 .. ROUNDS - 1; the earlier rounds' histograms are complete
     SLICE: tl.constexpr,  # tokens per program
+    BITS: tl.constexpr,  # bits per digit
+    BINS: tl.constexpr,  # 2 ** BITS
+    ROUNDS: tl.constexpr,  # 32 // BITS
 ):
     slice_id = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     count = tl.load(count_ptr + row).to(tl.int32)
     hist_row = hist_ptr + row * (ROUNDS * BINS)
     # every program replays the earlier rounds itself (a few 256-bin scans): no extra launch to pick digits
-    prefix, above, n_in = _replay_rounds(hist_row, count, ROUND)
+    prefix, above, n_in = _replay_rounds(hist_row, count, ROUND, BINS)
     low_bits: tl.constexpr = 32 - BITS * ROUND  # key bits not fixed by the prefix
     lo = ((prefix << low_bits) - 2 ** 31).to(tl.int32)  # the bucket as signed keys lo .. hi (int64 shifts)
     hi = (((prefix + 1) << low_bits) - 1 - 2 ** 31).to(tl.int32)
@@ -349,13 +365,15 @@ def _compact_kernel(
     BLOCK_S: tl.constexpr,  # earlier slices summed per step
     BLOCK_R: tl.constexpr,  # packed rows per copy tile
     BLOCK_D: tl.constexpr,  # next power of two >= D
+    BINS: tl.constexpr,  # bins per radix round
+    ROUNDS: tl.constexpr,  # radix rounds
 ):
     slice_id = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     start = tl.load(start_ptr + row)
     count = tl.load(count_ptr + row)
     # the threshold: the count-th largest key; `above` keys beat it, `n_eq` tie with it
-    thr_u, above, n_eq = _replay_rounds(hist_ptr + row * (ROUNDS * BINS), count.to(tl.int32), ROUNDS)
+    thr_u, above, n_eq = _replay_rounds(hist_ptr + row * (ROUNDS * BINS), count.to(tl.int32), ROUNDS, BINS)
     thr_key = (thr_u - 2 ** 31).to(tl.int32)
     last_digit = thr_u & (BINS - 1)
     skip = n_eq - (count.to(tl.int32) - above)  # ties evicted: the first `skip` by token index
@@ -396,20 +414,22 @@ def _compact_kernel(
 
 
 def _select(scores, counts, sink, window):
-    """The radix rounds -> row histograms (B*H, 4, 256), per-slice tables gt, eq (B*H, n_slices, 256), SLICE."""
+    """The radix rounds -> row histograms (B*H, ROUNDS, BINS), per-slice tables gt, eq (B*H, n_slices, BINS), SLICE."""
     B, H, T = scores.shape
     slice_len = TUNING.select_slice  # one size for every T: GPU tests and runs compile it once
-    n_slices = triton.cdiv(T, slice_len)
-    hist = torch.zeros(B * H, RADIX_ROUNDS, 2 ** RADIX_BITS, dtype=torch.int32, device=scores.device)
-    gt, eq = (torch.empty(B * H, n_slices, 2 ** RADIX_BITS, dtype=torch.int32, device=scores.device) for _ in range(2))
-    for r in range(RADIX_ROUNDS):
+    bits = TUNING.radix_bits
+    n_slices, rounds = triton.cdiv(T, slice_len), 32 // bits
+    hist = torch.zeros(B * H, rounds, 2 ** bits, dtype=torch.int32, device=scores.device)
+    gt, eq = (torch.empty(B * H, n_slices, 2 ** bits, dtype=torch.int32, device=scores.device) for _ in range(2))
+    for r in range(rounds):
         _radix_round_kernel[(n_slices, B * H)](scores, counts, hist, gt, eq, T, sink, window, n_slices, ROUND=r,
-                                               SLICE=slice_len, num_warps=TUNING.select_warps)
+                                               SLICE=slice_len, BITS=bits, BINS=2 ** bits, ROUNDS=rounds,
+                                               num_warps=TUNING.select_warps)
     return hist, gt, eq, slice_len
 
 
 def evict_v3(k, v, scores, counts, sink=0, window=0, slack=32):
-    """Triton radix select (4 rounds) and sliced compaction: 5 launches and a memset, no sync."""
+    """Triton radix select (32 / radix_bits rounds) and sliced compaction: one launch each, a memset, no sync."""
     counts = _check_evict(k, v, scores, counts, sink, window, slack)
     _check_v3_device(k)
     B, H, T, D = k.shape
@@ -423,7 +443,7 @@ def evict_v3(k, v, scores, counts, sink=0, window=0, slack=32):
     _compact_kernel[(n_slices, B * H)](
         scores, k, v, hist, gt, eq, start, length, capacity, pos, k_out, v_out, T, sink, window, n_slices, D=D,
         SLICE=slice_len, BLOCK_S=64, BLOCK_R=TUNING.copy_rows, BLOCK_D=triton.next_power_of_2(D),
-        num_warps=TUNING.copy_warps)
+        BINS=hist.shape[2], ROUNDS=hist.shape[1], num_warps=TUNING.copy_warps)
     return PackedKV(k_out, v_out, pos, start, length, capacity)
 
 
@@ -822,10 +842,17 @@ def _varlen(q, k_packed, v_packed, start, lengths):
 
 # variant rows of the benchmark: the same kernels under other TUNING values (pick defaults from one run)
 EVICT_VARIANTS = [("slice2048", dict(select_slice=2048, copy_rows=64)),  # half the programs
-                  ("slice512", dict(select_slice=512, copy_rows=32))]  # twice the programs
+                  ("radix4", dict(radix_bits=4)),  # 8 rounds of 16 bins: tl.histogram's cost grows with the bins
+                  ("radix2", dict(radix_bits=2))]  # 16 rounds of 4 bins
 DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3)),
-                   ("n128w8s2", dict(decode_block_n=128, decode_warps=8, decode_stages=2)),  # G = 1 only
-                   ("n64w4s3", dict(decode_block_n_gqa=64, decode_warps_gqa=4, decode_stages_gqa=3))]  # G > 1 only
+                   ("n64w4s4", dict(decode_block_n=64, decode_warps=4, decode_stages=4)),  # G = 1 only
+                   ("n32w4s4", dict(decode_block_n=32, decode_warps=4, decode_stages=4)),  # G = 1 only
+                   ("n128w8s2", dict(decode_block_n_gqa=128, decode_warps_gqa=8, decode_stages_gqa=2))]  # G > 1 only
+
+
+def _variant_applies(label, G):
+    """Tile variants belong to one kind of head group (they change the G = 1 or the G > 1 tiles); 3/SM to both."""
+    return label == "3/SM" or ("decode_block_n" in dict(DECODE_VARIANTS)[label]) == (G == 1)
 
 
 def _with(overrides, fn):
@@ -836,27 +863,45 @@ def _with(overrides, fn):
     return run
 
 
-def bench(out=None, quick=False):
-    """Print one table (and write JSON to `out`): evict, decode and append, each beside its baselines."""
+def _capture(fn):
+    """fn recorded into a CUDA graph -> (replay, ""), or (None, why) where fn syncs or copies from the host."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up on a side stream, as torch.cuda.graph asks
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        torch.cuda.synchronize()
+        return graph.replay, ""
+    except Exception as e:  # e.g. v1's boolean indexing and .item() sync the host: eager only
+        torch.cuda.synchronize()
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0][:70] if str(e) else ''}"
+
+
+def bench(out=None, quick=False, passes=3):
+    """Print one table (and write JSON to `out`): evict, decode and append, each beside its baselines.
+
+    Every row is timed twice: `eager`, the Python call as a user makes it (checks, allocations and
+    launches included), and `graph`, one replay of the same call recorded into a CUDA graph (the GPU's
+    own time: what a graph-captured decode loop pays). Rows are built first, then timed in `passes`
+    interleaved passes; a row's time is the median of its pass medians and `spread` is max / min of
+    them, so a noisy row shows itself instead of deciding a target.
+    """
     from triton.testing import do_bench
     assert torch.cuda.is_available(), "the benchmark needs a CUDA card; on the CPU run the tests instead"
     dev, dtype, D, elt = "cuda", torch.bfloat16, 128, 2
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    rows, keep = [], []  # keep: every input stays alive until the last pass
 
-    def add(op, case, impl, fn, nbytes, note=""):
-        try:
-            fn()  # compile and warm up outside the timing
-            torch.cuda.synchronize()
-            us = 1000 * do_bench(fn, warmup=25, rep=100, return_mode="median")  # flushes L2 before every call
-        except Exception as e:  # one failing baseline must not lose the table
-            us, note = None, f"skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:90] if str(e) else ''}"
-        rows.append(dict(op=op, case=case, impl=impl, us=us, bytes=nbytes, note=note))
+    def add(op, case, impl, fn, nbytes, note="", graph=True):
+        rows.append(dict(op=op, case=case, impl=impl, fn=fn, bytes=nbytes, note=note, graph=graph))
 
     src = torch.empty(2 ** 29, dtype=dtype, device=dev)  # 1 GiB
     dst = torch.empty_like(src)
     add("roof", "copy 1 GiB", "torch copy_", lambda: dst.copy_(src), 2 * 2 ** 30, "read + write")
-    del src, dst
 
     # evict: B=1, H=32, T=32k, 20% kept, per-head counts from 0.5x to 1.5x the mean; bytes counted first
     B, H, T = 1, 32, 8192 if quick else 32768
@@ -866,7 +911,9 @@ def bench(out=None, quick=False):
     kv_bytes = 4 * int(counts.sum()) * D * elt  # read + write every kept K and V row
     case = f"E1: B={B} H={H} T={T} 20%"
     kept = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=dev)
-    add("evict", case, "copy of the kept bytes", lambda: kept.clone(), kv_bytes, "the roof at this size")
+    kept_out = torch.empty_like(kept)
+    keep += [src, dst, k, v, scores, kept, kept_out]
+    add("evict", case, "copy of the kept bytes", lambda: kept_out.copy_(kept), kv_bytes, "the roof at this size")
     for impl, note in (("v1", "topk + sort + gather"), ("v2", "torch.compile(v1)"), ("v3", "Triton select+compact")):
         add("evict", case, impl, lambda impl=impl: EVICT[impl](k, v, scores, counts, 4, 64), kv_bytes + 4 * B * H * T,
             note)
@@ -875,8 +922,7 @@ def bench(out=None, quick=False):
             kv_bytes + 4 * B * H * T, f"variant: {overrides}")
     counts_dev = counts.to(dev)
     add("evict", case, "v3 select only", lambda: _select(scores, counts_dev, 4, 64), 4 * B * H * T,
-        "diagnostic: memset + 4 radix rounds")
-    del k, v, scores, kept
+        "diagnostic: memset + the radix rounds")
 
     # decode: one query token per query head over a 20% packed cache
     cases = [("D1", 1, 32, 1, 32768), ("D2", 8, 8, 4, 32768), ("D3", 1, 8, 4, 32768), ("D4", 1, 8, 4, 131072)]
@@ -885,70 +931,119 @@ def bench(out=None, quick=False):
         q = torch.randn(B, H, G, D, dtype=dtype, device=dev)
         for label, n in (("SDPA flash, full cache", T), ("SDPA flash, uniform 20%", mean)):
             kv = [torch.randn(B, H, n, D, dtype=dtype, device=dev) for _ in range(2)]
-            add("decode", case, label, lambda: _sdpa(q, *kv), B * H * n * 2 * D * elt)
-            del kv
+            keep += kv
+            add("decode", case, label, lambda kv=kv, q=q: _sdpa(q, *kv), B * H * n * 2 * D * elt)
         packed = {}
         for shape in ("uniform", "spread", "skewed"):
             lengths = _lengths(B, H, mean, T, shape, gen)
             packed[shape] = (lengths,) + _random_packed(lengths, D, dtype, dev)[:4]
+            keep.append(packed[shape])
         for shape in ("uniform", "spread", "skewed", "uniform again"):  # uniform twice: order effects show
             lengths, kp, vp, start, length = packed[shape.split()[0]]
             nbytes = int(lengths.sum()) * 2 * D * elt
             for impl in ("v1", "v2", "v3") if shape == "spread" else ("v3",):
-                add("decode", case, f"{impl} {shape}", lambda impl=impl, kp=kp, vp=vp, start=start, length=length:
+                add("decode", case, f"{impl} {shape}", lambda impl=impl, q=q, kp=kp, vp=vp, start=start, length=length:
                     DECODE[impl](q, kp, vp, start, length), nbytes)
             for label, overrides in DECODE_VARIANTS if shape in ("spread", "skewed") else ():
-                if (G > 1) != (label == "n64w4s3") and label != "3/SM":
-                    continue  # each tile variant applies to one kind of head group
-                run = _with(overrides, lambda kp=kp, vp=vp, start=start, length=length: decode_v3(q, kp, vp, start,
-                                                                                                    length))
+                if not _variant_applies(label, G):
+                    continue
+                run = _with(overrides, lambda q=q, kp=kp, vp=vp, start=start, length=length:
+                            decode_v3(q, kp, vp, start, length))
                 add("decode", case, f"v3 {shape} {label}", run, nbytes, f"variant: {overrides}")
             if shape == "spread":
                 add("decode", case, "varlen FA, head per seq", _varlen(q, kp, vp, start, lengths), nbytes,
                     "AdaKV's design")
-        del packed, kp, vp
 
     # append: O(B*H*D) bytes per step, beside re-allocating and copying the cache (AdaKV's append)
     for B, H in ((1, 32), (8, 8)):
         kp, vp, start, length, capacity = _random_packed(_lengths(B, H, 6553, 32768, "spread", gen), D, dtype, dev,
-                                                         slack=8192)  # room for every timed call
+                                                         slack=8192)  # room for many timed calls; a full head is left as is
         pos = torch.zeros(kp.shape[0], dtype=torch.long, device=dev)
         kn, vn = (torch.randn(B, H, D, dtype=dtype, device=dev) for _ in range(2))
+        keep += [kp, vp, pos, kn, vn]
         case = f"A{1 if B == 1 else 2}: B={B} H={H} D={D}"
         for impl in ("v1", "v3"):
-            add("append", case, impl, lambda impl=impl: APPEND[impl](kp, vp, pos, start, length, capacity, kn, vn, 7,
-                                                                      check=False), 4 * B * H * D * elt, "check=False")
-        add("append", case, "re-pack copy", lambda: (kp.clone(), vp.clone()), 4 * kp.numel() * elt, "AdaKV-style")
-        del kp, vp
+            add("append", case, impl, lambda impl=impl, kp=kp, vp=vp, start=start, length=length, capacity=capacity,
+                pos=pos, kn=kn, vn=vn: APPEND[impl](kp, vp, pos, start, length, capacity, kn, vn, 7, check=False),
+                4 * B * H * D * elt, "check=False")
+        n_used = int(length.sum())  # the re-pack copies the rows in use, as AdaKV's append does
+        add("append", case, "re-pack copy", lambda kp=kp, vp=vp, n=n_used: (kp[:n].clone(), vp[:n].clone()),
+            4 * n_used * D * elt, "AdaKV-style")
+
+    # compile and capture every row once, then time them all in interleaved passes
+    for r in rows:
+        try:
+            r["fn"]()
+            torch.cuda.synchronize()
+            r["replay"], why = _capture(r["fn"]) if r["graph"] else (None, "")
+            r["graph_note"] = why
+        except Exception as e:  # one failing baseline must not lose the table
+            r["fn"], r["replay"] = None, None
+            r["note"] = f"skipped: {type(e).__name__}: {str(e).strip().splitlines()[0][:90] if str(e) else ''}"
+    times = {id(r): ([], []) for r in rows}
+    for p in range(passes):
+        for r in rows:
+            for fn, acc in ((r["fn"], times[id(r)][0]), (r.get("replay"), times[id(r)][1])):
+                if fn is not None:  # do_bench flushes L2 before every call
+                    acc.append(1000 * do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        print(f"pass {p + 1}/{passes} timed", flush=True)
+    for r in rows:
+        eager, graph = times[id(r)]
+        r["us"] = float(torch.tensor(eager).median()) if eager else None
+        r["graph_us"] = float(torch.tensor(graph).median()) if graph else None
+        r["spread"] = max(eager) / min(eager) if eager else None
+        r["graph_spread"] = max(graph) / min(graph) if graph else None
+        r["eager_passes"], r["graph_passes"] = eager, graph
+        for key in ("fn", "replay", "graph"):
+            r.pop(key, None)
     _report(rows, out)
 
 
 def _report(rows, out):
-    """The table, the targets of the issue as PASS / FAIL, and the JSON file."""
+    """The table, the targets of the issue as PASS / FAIL, and the JSON file.
+
+    GB/s, %roof and speedups use the graph times where a row has one (the GPU's work, the same basis
+    for a kernel and its baseline); a ratio falls back to eager / eager when either row has no graph.
+    """
     props = torch.cuda.get_device_properties(0)
-    roof = rows[0]["bytes"] / rows[0]["us"] / 1e3  # GB/s of the measured 1 GiB copy
+    gpu_us = lambda r: r["graph_us"] or r["us"]  # noqa: E731  (the basis of GB/s)
+    # GB/s of the measured 1 GiB copy, the faster of its two timings (a captured copy_ ran slower on an H100)
+    roof = rows[0]["bytes"] / min(t for t in (rows[0]["us"], rows[0]["graph_us"]) if t) / 1e3
     head = (f"{props.name} | {datetime.date.today()} | torch {torch.__version__} | triton {triton.__version__} | "
-            f"copy roof {roof:.0f} GB/s | bf16, D=128, do_bench median, L2 flushed")
-    us = {(r["case"].split(":")[0], r["impl"]): r["us"] for r in rows}  # ("D1", "v3 spread") -> us
+            f"copy roof {roof:.0f} GB/s | bf16, D=128, do_bench medians (L2 flushed) of {len(rows[0]['eager_passes'])} "
+            f"interleaved passes")
+    by_key = {(r["case"].split(":")[0], r["impl"]): r for r in rows}  # ("D1", "v3 spread") -> row
     base = {"evict": "v1", "decode": "SDPA flash, full cache", "append": "v1"}
+
+    def ratio(a, b):  # time of row a / time of row b: graph / graph where both have one, else eager / eager
+        a, b = by_key.get(a), by_key.get(b)
+        if not (a and b and a["us"] and b["us"]):
+            return None, ""
+        if a["graph_us"] and b["graph_us"]:
+            return a["graph_us"] / b["graph_us"], "graph"
+        return a["us"] / b["us"], "eager"
+
     print(head)
     print(f"v3 tuning: {asdict(TUNING)}")
-    print(f"{'op':7} {'case':32} {'impl':26} {'us':>9} {'MB':>9} {'GB/s':>7} {'%roof':>6} {'speedup':>8}  note")
+    print("eager: the Python call (checks, allocations, launches); graph: a CUDA-graph replay of it (GPU time); "
+          "spread: slowest / fastest pass")
+    print(f"{'op':7} {'case':28} {'impl':24} {'eager us':>9} {'spread':>6} {'graph us':>9} {'spread':>6} {'MB':>8} "
+          f"{'GB/s':>6} {'%roof':>6} {'speedup':>9}  note")
     for r in rows:
-        cells = f"{'-':>9} {r['bytes'] / 1e6:9.2f}"
+        cells = f"{'-':>9} {'':6} {'-':>9} {'':6} {r['bytes'] / 1e6:8.2f}"
         if r["us"]:
-            b = us.get((r["case"].split(":")[0], base.get(r["op"])))
-            r.update(gbps=r["bytes"] / r["us"] / 1e3, roof_pct=100 * r["bytes"] / r["us"] / 1e3 / roof,
-                     speedup=b / r["us"] if b else None)
-            cells = f"{r['us']:9.1f} {r['bytes'] / 1e6:9.2f} {r['gbps']:7.0f} {r['roof_pct']:5.0f}% " + \
-                (f"{r['speedup']:7.2f}x" if b else "")
-        print(f"{r['op']:7} {r['case']:32} {r['impl']:26} {cells:52}  {r['note']}")
+            speedup, basis = ratio((r["case"].split(":")[0], base.get(r["op"])), (r["case"].split(":")[0], r["impl"]))
+            r.update(gbps=r["bytes"] / gpu_us(r) / 1e3, roof_pct=100 * r["bytes"] / gpu_us(r) / 1e3 / roof,
+                     speedup=speedup, speedup_basis=basis)
+            graph = f"{r['graph_us']:9.1f} {r['graph_spread']:5.2f}x" if r["graph_us"] else f"{'-':>9} {'':6}"
+            cells = (f"{r['us']:9.1f} {r['spread']:5.2f}x {graph} {r['bytes'] / 1e6:8.2f} {r['gbps']:6.0f} "
+                     f"{r['roof_pct']:5.0f}% " + (f"{speedup:6.2f}x {basis[0]}" if speedup else ""))
+        note = r["note"] + (f" [no graph: {r['graph_note']}]" if r.get("graph_note") else "")
+        print(f"{r['op']:7} {r['case'][:28]:28} {r['impl']:24} {cells:81}  {note}")
 
-    def ratio(a, b):  # time a / time b, None where a row is missing
-        a, b = us.get(a), us.get(b)
-        return a / b if a and b else None
-    e_v3 = next((r for r in rows if r["op"] == "evict" and r["impl"] == "v3" and r["us"]), None)
-    checks = [("evict v3 GB/s / copy roof >= 0.8", e_v3["roof_pct"] / 100 if e_v3 else None, ">=", 0.8),
+    e_v3 = by_key.get(("E1", "v3"))
+    checks = [("evict v3 GB/s / copy roof >= 0.8", (e_v3["roof_pct"] / 100, "graph" if e_v3["graph_us"] else "eager")
+               if e_v3 and e_v3.get("roof_pct") else (None, ""), ">=", 0.8),
               ("evict v1 / v3 time >= 3", ratio(("E1", "v1"), ("E1", "v3")), ">=", 3.0)]
     for name, goal in (("D1", 4.0), ("D2", 3.5), ("D4", 3.0)):
         checks.append((f"{name} full SDPA / v3 time >= {goal}", ratio((name, "SDPA flash, full cache"),
@@ -960,18 +1055,84 @@ def _report(rows, out):
                                                                         (name, "v3 uniform again")), "<=", 1.15))
         checks.append((f"{name} varlen FA / v3 time > 1", ratio((name, "varlen FA, head per seq"), (name, "v3 spread")),
                        ">=", 1.0))
-    print("targets of the issue:")
-    for name, value, op, goal in checks:
+    print("targets of the issue (g: graph / graph, e: eager / eager):")
+    for name, (value, basis), op, goal in checks:
         ok = value is not None and (value >= goal if op == ">=" else value <= goal)
-        print(f"  {name:45} " + ("row missing" if value is None else f"{value:6.2f}  {'PASS' if ok else 'FAIL'}"))
+        print(f"  {name:45} " + ("row missing" if value is None else
+                                 f"{value:6.2f} {basis[0]}  {'PASS' if ok else 'FAIL'}"))
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w") as f:
             json.dump({"header": head, "device": props.name, "date": str(datetime.date.today()), "torch":
                        torch.__version__, "triton": triton.__version__, "roof_gbps": roof, "tuning": asdict(TUNING),
-                       "rows": rows,
-                       "targets": [dict(target=n, value=v, op=o, goal=g) for n, v, o, g in checks]}, f, indent=1)
+                       "rows": rows, "targets": [dict(target=n, value=v, basis=b, op=o, goal=g)
+                                                 for n, (v, b), o, g in checks]}, f, indent=1)
         print(f"wrote {out}")
+
+
+def _gpu_us_per_call(fn, iters=20):
+    """Device time per call from torch.profiler: {kernel name: us}, summed over every kernel, memset and copy."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        if t > 0:
+            per_kernel[e.key] = t / iters
+    return per_kernel
+
+
+def _graph_us(fn):
+    """do_bench of one CUDA-graph replay of fn (no host launch cost); None with the reason if capture fails."""
+    from triton.testing import do_bench
+    replay, why = _capture(fn)
+    return (1000 * do_bench(replay, warmup=25, rep=100, return_mode="median") if replay else None), why
+
+
+def profile_kernels():
+    """Where the time of the v3 paths goes: eager do_bench, CUDA-graph replay, and device time per kernel.
+
+    eager - device time is the host's share (checks, allocations, launches) that the GPU waits for.
+    """
+    from triton.testing import do_bench
+    dev, dtype, D = "cuda", torch.bfloat16, 128
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    B, H, T = 1, 32, 32768
+    k, v = (torch.randn(B, H, T, D, dtype=dtype, device=dev) for _ in range(2))
+    scores = torch.rand(B, H, T, device=dev)
+    counts = _lengths(B, H, T // 5, T, "spread", gen)
+    runs.append(("E1 evict v3", lambda: evict_v3(k, v, scores, counts, 4, 64)))
+    for label, overrides in EVICT_VARIANTS:
+        runs.append((f"E1 evict v3 {label}", _with(overrides, lambda: evict_v3(k, v, scores, counts, 4, 64))))
+    runs.append(("E1 evict v1", lambda: evict_v1(k, v, scores, counts, 4, 64)))
+    decode_inputs = []
+    for name, B, H, G, T in (("D1", 1, 32, 1, 32768), ("D2", 8, 8, 4, 32768), ("D3", 1, 8, 4, 32768),
+                             ("D4", 1, 8, 4, 131072)):
+        q = torch.randn(B, H, G, D, dtype=dtype, device=dev)
+        for shape in ("spread", "skewed"):
+            kp, vp, start, length, _ = _random_packed(_lengths(B, H, T // 5, T, shape, gen), D, dtype, dev)
+            decode_inputs.append((kp, vp))
+            runs.append((f"{name} decode v3 {shape}",
+                         lambda q=q, kp=kp, vp=vp, start=start, length=length: decode_v3(q, kp, vp, start, length)))
+    print(f"{torch.cuda.get_device_name()} | {datetime.date.today()} | torch {torch.__version__} | "
+          f"triton {triton.__version__}")
+    print(f"{'path':28} {'eager us':>9} {'graph us':>9} {'device us':>10}  kernels (device us per call)")
+    for label, fn in runs:
+        fn()
+        torch.cuda.synchronize()
+        eager = 1000 * do_bench(fn, warmup=25, rep=100, return_mode="median")
+        graph, why = _graph_us(fn)
+        kernels = _gpu_us_per_call(fn)
+        top = ", ".join(f"{name[:40]} {us:.1f}" for name, us in sorted(kernels.items(), key=lambda x: -x[1])[:5])
+        print(f"{label:28} {eager:9.1f} {graph if graph else float('nan'):9.1f} {sum(kernels.values()):10.1f}  "
+              f"{top}" + (f"  [graph: {why}]" if why else ""), flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1006,10 +1167,13 @@ if __name__ == "__main__":
     # what to run
     parser.add_argument("--bench", action="store_true", help="the benchmark table (needs CUDA)")
     parser.add_argument("--quick", action="store_true", help="smaller benchmark sizes (a smoke run)")
+    parser.add_argument("--profile", action="store_true", help="eager vs CUDA-graph vs device time per v3 path")
     # output
     parser.add_argument("--out", default=None, help="write the benchmark rows as JSON to this path")
     args = parser.parse_args()
-    if args.bench:
+    if args.profile:
+        profile_kernels()
+    elif args.bench:
         bench(args.out, args.quick)
     else:
         demo()

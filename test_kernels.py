@@ -153,6 +153,19 @@ def test_evict_any_slice_length_keeps_the_same_tokens(monkeypatch, slice_len):
                            f"levels {levels}")
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_evict_any_digit_width_keeps_the_same_tokens(monkeypatch, bits):
+    """Radix digits of 2 or 4 bits (16 or 8 rounds) keep exactly v1's tokens and rows, with many ties."""
+    monkeypatch.setattr(kernels.TUNING, "radix_bits", bits)
+    monkeypatch.setattr(kernels.TUNING, "select_slice", 64)
+    for levels in (None, 3):
+        k, v, scores = case(2, 2, 150, 16, levels=levels, seed=4)
+        counts = torch.tensor([[9, 150], [70, 33]])
+        assert_same_packed(kernels.evict_v3(k, v, scores, counts, 2, 3), evict_v1(k, v, scores, counts, 2, 3),
+                           f"bits {bits} levels {levels}")
+
+
 @pytest.mark.parametrize("impl", impls(EVICT))
 def test_evict_special_floats(impl):
     """-0.0 ties +0.0, every NaN ties and ranks above +inf, -inf ranks lowest, as torch.sort orders them."""
@@ -357,6 +370,21 @@ def test_append_writes_one_row_per_head_in_place(impl):
     assert same(k[others], k0[others]) and same(v[others], v0[others])
     q = torch.randn(2, 2, 1, 16).to(torch.bfloat16).to(DEV)
     assert torch.equal(decode_attention(q, k, v, start, length, impl="v1"), decode_v1(q, k, v, start, length))
+
+
+def test_layout_cache_hands_out_copies():
+    """Two evictions with the same counts share one cached layout, yet appending to the first leaves the second intact."""
+    k, v = (torch.randn(1, 2, 40, 16, device=DEV) for _ in range(2))
+    scores, counts = torch.rand(1, 2, 40, device=DEV), torch.tensor([[5, 9]])
+    first = evict_v1(k, v, scores, counts, slack=4)
+    APPEND["v1"](first.k, first.v, first.pos, first.start, first.length, first.capacity,
+                 torch.randn(1, 2, 16, device=DEV), torch.randn(1, 2, 16, device=DEV), 40)
+    second = evict_v1(k, v, scores, counts, slack=4)
+    assert first.length.tolist() == [[6, 10]] and second.length.tolist() == [[5, 9]]
+    assert torch.equal(second.start, first.start)
+    untouched = torch.ones_like(first.pos, dtype=torch.bool)
+    untouched[first.start.flatten() + torch.tensor([5, 9], device=DEV)] = False  # the two appended rows
+    assert torch.equal(second.pos[untouched], first.pos[untouched])
 
 
 @pytest.mark.parametrize("impl", impls(APPEND))
