@@ -52,6 +52,7 @@ class LUKVConfig:
     snap_kernel: int = 5  # SnapKV: max-pool width over tokens
     horizon: int = 16  # oracle: answer tokens the model generates after the question
     stop_at_answer: bool = True  # oracle: the future ends at the answer's newline (False: always horizon steps)
+    correct_only: bool = False  # profiling: keep only the calibration questions the model answers right
     normalise_values: bool = True  # oracle: divide ||v W_O|| by its sum over the layer (official code)
 
     def floor(self, T):
@@ -456,7 +457,8 @@ def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length
 
     As in the paper: the scorer sees the context without the question; the oracle's future is
     the question plus the model's own answer. Calibration seeds never meet evaluation seeds.
-    Returns {scorer: (99, L, H) mean prune ratios}.
+    cfg.correct_only (ours) drops the questions the model answers wrong: their futures attend to
+    the wrong facts. Returns {scorer: (99, L, H) mean prune ratios}.
     """
     rng = random.Random(f"calibration-{seed}")
     # the answers are short: with the stop token the future is the question plus the answer, and a
@@ -466,12 +468,17 @@ def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length
     for i in range(n_contexts):
         ex = tasks.make_example("qa", rng, length, n_questions)
         ctx_ids = enc.encode_ordinary(ex.context)
-        for q, _ in ex.qa:
-            cache, probe, _, imp = run_full(model, ctx_ids, enc.encode_ordinary(q), cfg, cfg.horizon, stop)
+        for q, a in ex.qa:
+            cache, probe, answer, imp = run_full(model, ctx_ids, enc.encode_ordinary(q), cfg, cfg.horizon, stop)
+            if cfg.correct_only and not tasks.exact_match("qa", enc.decode(answer).split("\n")[0], a):
+                continue
             for s in scorers:
                 tables[s].append(context_table(imp, scores_for(s, cache, probe, imp, cfg), cfg))
         log(i + 1, n_contexts, f"profile {','.join(scorers)}: context {i + 1}/{n_contexts} "
             f"({len(tables[scorers[0]])} (context, question) tables, {time.time() - t0:.0f} s)")
+    if not tables[scorers[0]]:
+        raise RuntimeError(f"no calibration question was kept (correct_only={cfg.correct_only}): the model answered "
+                           f"none of {n_contexts * n_questions} right; profile without --calib-correct-only")
     return {s: np.mean(t, axis=0) for s, t in tables.items()}
 
 
@@ -678,6 +685,7 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
     stop = enc.encode_ordinary("\n")[0]
     tally = {}  # (setting, ratio, scorer, allocator, family) -> [hits, n, bytes, oracle_loss]
     full = {s: {} for s in settings}
+    by_kind = {}  # qa question kind -> [hits, n] with the full cache (the first setting)
     full_bytes = {s: {} for s in settings}  # mean K/V bytes of the uncompressed cache
     t0, done, total = time.time(), 0, len(settings) * len(families) * n
     for setting in settings:
@@ -689,7 +697,12 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
                 prefix, follow = (ctx, q_ids) if setting == "agnostic" else (ctx + q_ids[:-1], q_ids[-1:])
                 max_new = len(enc.encode_ordinary(a)) + 2
                 cache, probe, full_answer, imp = run_full(model, prefix, follow, cfg, max_new, stop)
-                hits_full += tasks.exact_match(family, enc.decode(full_answer).split("\n")[0], a)
+                hit_full = tasks.exact_match(family, enc.decode(full_answer).split("\n")[0], a)
+                hits_full += hit_full
+                if family == "qa" and setting == settings[0]:
+                    tally_kind = by_kind.setdefault(tasks.question_kind(q), [0, 0])
+                    tally_kind[0] += hit_full
+                    tally_kind[1] += 1
                 full_bytes[setting][family] = full_bytes[setting].get(family, 0) + cache.nbytes() / n
                 scored = {}
                 for scorer, allocator in methods:
@@ -715,7 +728,7 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
     for (setting, ratio, scorer, allocator, family), (h, k, b, lost) in tally.items():
         rows.append({"setting": setting, "ratio": ratio, "scorer": scorer, "allocator": allocator,
                      "family": family, "accuracy": h / k, "kv_bytes": b / k, "oracle_loss": lost / k})
-    return {"rows": rows, "full": full, "full_kv_bytes": full_bytes, "length": length, "n": n,
+    return {"rows": rows, "full": full, "full_kv_bytes": full_bytes, "full_qa_by_kind": by_kind, "length": length, "n": n,
             "seed": seed, "config": asdict(cfg)}
 
 
@@ -899,6 +912,9 @@ if __name__ == "__main__":
     parser.add_argument("--settings", default="agnostic,aware")
     parser.add_argument("--seed", type=int, default=2, help="evaluation seed (calibration and development use others)")
     parser.add_argument("--calib-contexts", type=int, default=16)
+    parser.add_argument("--calib-seed", type=int, default=0, help="--profile: calibration seed (calibration-N)")
+    parser.add_argument("--calib-correct-only", action="store_true",
+                        help="--profile (ours): only the calibration questions the model answers right")
     parser.add_argument("--calib-questions", type=int, default=8)
     # ---- output
     parser.add_argument("--json", default="lukv_eval.json")
@@ -918,7 +934,8 @@ if __name__ == "__main__":
         sys.exit(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, stop_at_answer=not args.past_answer)
+    cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, stop_at_answer=not args.past_answer,
+                     correct_only=args.calib_correct_only)
     if args.model:  # hf.py loads the folder, profiles it or evaluates it, and that is all
         import hf
         hf.run_cli(args, cfg)
@@ -934,12 +951,13 @@ if __name__ == "__main__":
 
     if args.profile:
         scorers = args.scorers.split(",") if args.scorers else PROFILE_SCORERS
-        tables = build_profile(model, enc, scorers, cfg, args.calib_contexts, args.calib_questions, args.length)
+        tables = build_profile(model, enc, scorers, cfg, args.calib_contexts, args.calib_questions, args.length,
+                               seed=args.calib_seed)
         for s, table in tables.items():
             meta_p = profile_meta(s, model_id, cfg, horizon=cfg.horizon, stop_at_answer=cfg.stop_at_answer,
-                                  normalise_values=cfg.normalise_values,
+                                  normalise_values=cfg.normalise_values, correct_only=cfg.correct_only,
                                   calibration=f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} "
-                                              f"questions, {args.length} tokens, seed calibration-0")
+                                              f"questions, {args.length} tokens, seed calibration-{args.calib_seed}")
             save_profile(profile_path(args.checkpoint, s), table, meta_p)
             print(f"wrote {profile_path(args.checkpoint, s)}")
 
@@ -965,6 +983,8 @@ if __name__ == "__main__":
         print(f"full-cache exact match, {args.length} tokens, n={n} per family, seed {args.seed}:")
         for f, acc in result["full"]["agnostic"].items():
             print(f"  {f:16s} {acc:.2f}")
+        for kind, (hits, total) in sorted(result["full_qa_by_kind"].items()):
+            print(f"    qa, {kind:14s} {hits}/{total}")
         write_json(args.json, result)
 
     if args.demo:

@@ -402,6 +402,16 @@ def make_qa(rng, n_words, n_questions):
     return context, questions[:n_questions]
 
 
+QA_KINDS = {"Who": "event: who", "What did": "event: what", "When": "event: when", "Where did": "event: where",
+            "Where does": "cast: city", "What is": "cast: job", "Which pet": "cast: pet"}
+
+
+def question_kind(question):
+    """The kind of a qa question ("event: where", "cast: pet", ...): accuracy per kind shows what a model lacks."""
+    words = question.split("Question: ")[1].split()
+    return QA_KINDS.get(" ".join(words[:2]), QA_KINDS.get(words[0], "other"))
+
+
 GENERATORS = {
     "niah_single": make_niah_single,
     "niah_multikey": make_niah_multikey,

@@ -293,6 +293,13 @@ def test_generators_are_deterministic_and_answers_recoverable(family, enc):
             assert tasks.exact_match(family, got, ans), f"{family}: {q!r} -> {got!r}, expected {ans!r}"
 
 
+def test_every_qa_question_has_a_kind():
+    """question_kind names every calibration question, and all seven kinds occur (the per-kind accuracy is complete)."""
+    rng = random.Random("kinds")
+    kinds = [tasks.question_kind(q) for _ in range(20) for q, _ in tasks.make_example("qa", rng, 512, 30).qa]
+    assert "other" not in kinds and set(kinds) == set(tasks.QA_KINDS.values())
+
+
 def test_unknown_family_and_short_length_are_refused():
     """Bad task requests name what is accepted."""
     with pytest.raises(ValueError, match="unknown task family"):
@@ -761,6 +768,19 @@ def test_shipped_checkpoint_is_small_and_records_its_making(shipped):
     assert os.path.getsize(CHECKPOINT) < 16e6
     assert "train_tiny.py" in meta["command"] and "data_seed" in meta
     assert model.cfg.n_kv_head < model.cfg.n_head  # GQA: the cache is stored per KV head
+
+
+def test_correct_only_calibration_drops_wrong_answers(enc):
+    """--calib-correct-only keeps only questions answered right: an untrained model answers none, which is refused
+    by name, while the plain profile of the same model is built."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                          mlp_hidden=64)).eval()
+    quiet = lambda *a, **k: None  # noqa: E731
+    table = lukv.build_profile(model, enc, ["snapkv"], LUKVConfig(), 1, 2, 256, log=quiet)["snapkv"]
+    assert table.shape == (99, 2, 2)
+    with pytest.raises(RuntimeError, match="no calibration question was kept"):
+        lukv.build_profile(model, enc, ["snapkv"], LUKVConfig(correct_only=True), 1, 2, 256, log=quiet)
 
 
 def test_shipped_profiles_belong_to_the_shipped_model(shipped):
