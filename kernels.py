@@ -58,6 +58,8 @@ class Tuning:
     #                           1024 beat 2048 on an H200, 2026-11-27: 277 vs 338 us at B=1, H=32, T=32k)
     select_warps: int = 4  # warps per radix-round program
     radix_bits: int = 8  # bits per radix digit (2, 4 or 8): 32 / radix_bits rounds of 2^radix_bits bins
+    histogram_dot: bool = False  # 8-bit digits counted by a one-hot matrix product instead of tl.histogram: 1.6x
+    #                              slower per evict on an H100 (205.7 vs 129.7 us; occupancy 11.5%), kept as a variant
     copy_rows: int = 32  # packed rows per copy tile of the compaction kernel (32 x 128 bf16 = 8 KB)
     copy_warps: int = 4  # warps per compaction program
     decode_block_n: int = 64  # keys per inner tile of the decode kernel (one size for every chunk: one compile)
@@ -65,7 +67,7 @@ class Tuning:
     decode_stages: int = 3  # software pipelining depth of the K/V loads (3 x 2 x 16 KB of shared memory)
     decode_block_n_gqa: int = 64  # the same three when G > 1 query heads share a KV head: 64 / 4 / 3 beat
     decode_warps_gqa: int = 4  # 128 / 8 / 2 on D2, D3 and D4 in CUDA-graph timings on an H100, 2026-11-27
-    decode_stages_gqa: int = 3  # (D2 94.2 vs 102.3 us; results/kernels_bench_h100_graphs.txt)
+    decode_stages_gqa: int = 3  # (D2 93.8 vs 101.6 us; results/kernels_bench_h100_graphs.txt)
     decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
     decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
     combine_block: int = 64  # partial results per tile of the combine kernel
@@ -298,6 +300,31 @@ def _replay_rounds(hist_ptr, count, ROUNDS: tl.constexpr, BINS: tl.constexpr):
 
 
 @triton.jit
+def _histogram_dot(digit, mask, BITS: tl.constexpr, DOT_F32: tl.constexpr):
+    """Histogram (2^BITS,) int32 of the masked digits, as one matrix product on the tensor cores.
+
+    Split each digit into its high and low halves (R = 2^(BITS/2) values each); then
+    hist[a * R + b] = #{k : hi_k = a, lo_k = b} = (onehot(hi)^T @ onehot(lo))[a, b]. The one-hot
+    matrices cost SLICE * 2R compares where tl.histogram pays about SLICE * R * R, and the sums are
+    exact: 0/1 inputs, fp32 accumulation, at most SLICE per bin. Measured (H100, 2026-11-27): the
+    rounds got slower, 31-48 us against 9-15 us, because the (SLICE, R) one-hot tiles cut the
+    occupancy to 11.5% (results/kernels_bench_h100_histogram_dot.txt); a variant row, not the default.
+    """
+    R: tl.constexpr = 2 ** (BITS // 2)
+    offs_r = tl.arange(0, R)
+    hi = (digit[:, None] >> (BITS // 2)) == offs_r[None, :]  # (SLICE, R)
+    lo = (digit[:, None] & (R - 1)) == offs_r[None, :]  # (SLICE, R)
+    dtype = tl.float32 if DOT_F32 else tl.float16
+    a = (hi & mask[:, None]).to(dtype)
+    b = lo.to(dtype)
+    if DOT_F32:
+        hist = tl.dot(tl.trans(a), b, input_precision="ieee")  # (R, R) fp32 counts
+    else:
+        hist = tl.dot(tl.trans(a), b)  # (R, R) fp32 counts
+    return tl.reshape(hist.to(tl.int32), (R * R,))  # row-major: bin a * R + b is the digit
+
+
+@triton.jit
 def _radix_round_kernel(
     scores_ptr,  # (B*H, T) any float dtype, contiguous
     count_ptr,  # (B*H,) int64 tokens each head keeps
@@ -313,6 +340,8 @@ def _radix_round_kernel(
     BITS: tl.constexpr,  # bits per digit
     BINS: tl.constexpr,  # 2 ** BITS
     ROUNDS: tl.constexpr,  # 32 // BITS
+    HIST_DOT: tl.constexpr,  # histogram by a one-hot matrix product (BITS = 8) instead of tl.histogram
+    DOT_F32: tl.constexpr,  # one-hot operands in fp32 (the interpreter), else fp16 (exact: 0/1 inputs, fp32 sums)
 ):
     slice_id = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
@@ -328,7 +357,9 @@ def _radix_round_kernel(
     in_bucket = (offs_t < T) & (keys >= lo) & (keys <= hi)
     digit = ((keys ^ INT32_MIN) >> (low_bits - BITS)) & (BINS - 1)  # (& undoes the sign extension)
     offs_b = tl.arange(0, BINS)
-    if HISTOGRAM_MASK:
+    if HIST_DOT:  # BINS = R * R: the histogram as a (R, SLICE) @ (SLICE, R) one-hot product on the tensor cores
+        hist = _histogram_dot(digit, in_bucket, BITS, DOT_F32)
+    elif HISTOGRAM_MASK:
         hist = tl.histogram(digit, BINS, mask=in_bucket)
     else:  # Triton < 3.4: keys outside the bucket land in bin 0 and are taken out again
         hist = tl.histogram(tl.where(in_bucket, digit, 0), BINS)
@@ -424,6 +455,7 @@ def _select(scores, counts, sink, window):
     for r in range(rounds):
         _radix_round_kernel[(n_slices, B * H)](scores, counts, hist, gt, eq, T, sink, window, n_slices, ROUND=r,
                                                SLICE=slice_len, BITS=bits, BINS=2 ** bits, ROUNDS=rounds,
+                                               HIST_DOT=TUNING.histogram_dot and bits == 8, DOT_F32=INTERPRET,
                                                num_warps=TUNING.select_warps)
     return hist, gt, eq, slice_len
 
@@ -841,7 +873,8 @@ def _varlen(q, k_packed, v_packed, start, lengths):
 
 
 # variant rows of the benchmark: the same kernels under other TUNING values (pick defaults from one run)
-EVICT_VARIANTS = [("slice2048", dict(select_slice=2048, copy_rows=64)),  # half the programs
+EVICT_VARIANTS = [("one-hot dot", dict(histogram_dot=True)),  # the radix rounds' histogram on the tensor cores
+                  ("slice2048", dict(select_slice=2048, copy_rows=64)),  # half the programs
                   ("radix4", dict(radix_bits=4)),  # 8 rounds of 16 bins: tl.histogram's cost grows with the bins
                   ("radix2", dict(radix_bits=2))]  # 16 rounds of 4 bins
 DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3)),
@@ -1095,6 +1128,25 @@ def _graph_us(fn):
     return (1000 * do_bench(replay, warmup=25, rep=100, return_mode="median") if replay else None), why
 
 
+def once():
+    """One E1 evict and one D1 decode with the v3 kernels and nothing else: a driver for Nsight Compute,
+
+        ncu --kernel-name regex:"_radix_round|_compact|_decode_split|_decode_combine" --launch-count 7 \\
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
+            --section LaunchStats --section WarpStateStats python kernels.py --once
+    """
+    gen = torch.Generator().manual_seed(0)
+    dev, dtype, D, B, H, T = "cuda", torch.bfloat16, 128, 1, 32, 32768
+    k, v = (torch.randn(B, H, T, D, dtype=dtype, device=dev) for _ in range(2))
+    scores = torch.rand(B, H, T, device=dev)
+    evict_v3(k, v, scores, _lengths(B, H, T // 5, T, "spread", gen), 4, 64)
+    q = torch.randn(B, H, 1, D, dtype=dtype, device=dev)
+    kp, vp, start, length, _ = _random_packed(_lengths(B, H, T // 5, T, "spread", gen), D, dtype, dev)
+    decode_v3(q, kp, vp, start, length)
+    torch.cuda.synchronize()
+    print("E1 evict v3 and D1 decode v3 ran once each")
+
+
 def profile_kernels():
     """Where the time of the v3 paths goes: eager do_bench, CUDA-graph replay, and device time per kernel.
 
@@ -1168,10 +1220,13 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true", help="the benchmark table (needs CUDA)")
     parser.add_argument("--quick", action="store_true", help="smaller benchmark sizes (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="eager vs CUDA-graph vs device time per v3 path")
+    parser.add_argument("--once", action="store_true", help="one E1 evict and one D1 decode (a driver for ncu)")
     # output
     parser.add_argument("--out", default=None, help="write the benchmark rows as JSON to this path")
     args = parser.parse_args()
-    if args.profile:
+    if args.once:
+        once()
+    elif args.profile:
         profile_kernels()
     elif args.bench:
         bench(args.out, args.quick)

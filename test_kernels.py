@@ -154,10 +154,12 @@ def test_evict_any_slice_length_keeps_the_same_tokens(monkeypatch, slice_len):
 
 
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("bits", [2, 4])
-def test_evict_any_digit_width_keeps_the_same_tokens(monkeypatch, bits):
-    """Radix digits of 2 or 4 bits (16 or 8 rounds) keep exactly v1's tokens and rows, with many ties."""
+@pytest.mark.parametrize("bits, dot", [(2, False), (4, False), (8, True)])
+def test_evict_any_digit_width_keeps_the_same_tokens(monkeypatch, bits, dot):
+    """Radix digits of 2 or 4 bits (16 or 8 rounds), and 8-bit digits counted by the one-hot matrix product
+    instead of tl.histogram, keep exactly v1's tokens and rows, with many ties."""
     monkeypatch.setattr(kernels.TUNING, "radix_bits", bits)
+    monkeypatch.setattr(kernels.TUNING, "histogram_dot", dot)
     monkeypatch.setattr(kernels.TUNING, "select_slice", 64)
     for levels in (None, 3):
         k, v, scores = case(2, 2, 150, 16, levels=levels, seed=4)
