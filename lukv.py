@@ -486,8 +486,8 @@ def save_profile(path, table, meta):
     np.savez(path, table=table.astype(np.float32), meta=json.dumps(meta))
 
 
-def load_profile(path, scorer, model_id, n_layer, n_kv_head):
-    """Load a profile; refuse one made for another scorer, model or shape, by name."""
+def load_profile(path, scorer, model_id, n_layer, n_kv_head, snap_window=None):
+    """Load a profile; refuse one made for another scorer, model, shape or SnapKV window, by name."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no profile at {path}; make it with: python lukv.py --profile --scorer {scorer}")
     with np.load(path) as f:
@@ -499,6 +499,10 @@ def load_profile(path, scorer, model_id, n_layer, n_kv_head):
                          f"with python lukv.py --profile --scorer {scorer}")
     if table.shape != (len(RATIOS), n_layer, n_kv_head):
         raise ValueError(f"profile {path} has shape {table.shape}, expected (99, {n_layer}, {n_kv_head})")
+    made_with = meta.get("snap_window", LUKVConfig.snap_window)  # profiles older than the option used the default
+    if scorer == "snapkv" and snap_window is not None and made_with != snap_window:
+        raise ValueError(f"profile {path} was made with SnapKV window {made_with}, not {snap_window}; pass "
+                         f"--snap-window {made_with} or rebuild it with --profile --snap-window {snap_window}")
     return table, meta
 
 
@@ -833,14 +837,14 @@ def profile_path(checkpoint, scorer):
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"profile_{scorer}.npz")
 
 
-def load_profiles(checkpoint, model, scorers, required=False):
+def load_profiles(checkpoint, model, scorers, required=False, snap_window=None):
     """{scorer: table} for LU-KV and {'taskloss_' + scorer: table} for ours, where the files exist."""
     out, model_id = {}, checkpoint_id(checkpoint)
     for s in scorers:
         for key in (s, "taskloss_" + s):
             path = profile_path(checkpoint, key)
             if os.path.exists(path) or (required and key == s):
-                out[key] = load_profile(path, s, model_id, model.cfg.n_layer, model.cfg.n_kv_head)[0]
+                out[key] = load_profile(path, s, model_id, model.cfg.n_layer, model.cfg.n_kv_head, snap_window)[0]
     return out
 
 
@@ -902,6 +906,7 @@ if __name__ == "__main__":
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=16, help="oracle: answer tokens generated after the question")
+    parser.add_argument("--snap-window", type=int, default=16, help="SnapKV: the last context positions that observe")
     parser.add_argument("--past-answer", action="store_true",
                         help="--profile: the oracle's future runs the full --horizon steps, past the answer's newline")
     # ---- data
@@ -935,7 +940,7 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, stop_at_answer=not args.past_answer,
-                     correct_only=args.calib_correct_only)
+                     correct_only=args.calib_correct_only, snap_window=args.snap_window)
     if args.model:  # hf.py loads the folder, profiles it or evaluates it, and that is all
         import hf
         hf.run_cli(args, cfg)
@@ -956,6 +961,7 @@ if __name__ == "__main__":
         for s, table in tables.items():
             meta_p = profile_meta(s, model_id, cfg, horizon=cfg.horizon, stop_at_answer=cfg.stop_at_answer,
                                   normalise_values=cfg.normalise_values, correct_only=cfg.correct_only,
+                                  snap_window=cfg.snap_window,
                                   calibration=f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} "
                                               f"questions, {args.length} tokens, seed calibration-{args.calib_seed}")
             save_profile(profile_path(args.checkpoint, s), table, meta_p)
@@ -989,7 +995,7 @@ if __name__ == "__main__":
 
     if args.demo:
         t0 = time.time()
-        profiles = load_profiles(args.checkpoint, model, ["snapkv"], required=True)
+        profiles = load_profiles(args.checkpoint, model, ["snapkv"], required=True, snap_window=cfg.snap_window)
         row = profiles["snapkv"][79]  # 80% compression
         print(heatmap(1 - row, "LU-KV budgets at 80% compression (SnapKV scorer): share of the context each head keeps"))
         n = args.n or 8
@@ -1007,7 +1013,7 @@ if __name__ == "__main__":
     if args.eval:
         scorers = args.scorers.split(",") if args.scorers else SCORERS
         allocators = args.allocators.split(",") if args.allocators else ALLOCATORS
-        profiles = load_profiles(args.checkpoint, model, scorers)
+        profiles = load_profiles(args.checkpoint, model, scorers, snap_window=cfg.snap_window)
         needs = {"lukv": "", "shuffled": "", "taskloss": "taskloss_"}  # allocators that read a profile
         methods = [(s, a) for s in scorers for a in allocators if a not in needs or needs[a] + s in profiles]
         methods += [("streaming", "uniform")]

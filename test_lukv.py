@@ -460,6 +460,8 @@ def test_bad_method_inputs_are_refused(tmp_path):
         lukv.load_profile(path, "snapkv", "abc", 3, 2)
     with pytest.raises(FileNotFoundError, match="--profile"):
         lukv.load_profile(str(tmp_path / "none.npz"), "snapkv", "abc", 2, 2)
+    with pytest.raises(ValueError, match="SnapKV window 16, not 64"):  # a profile without the field: the default
+        lukv.load_profile(path, "snapkv", "abc", 2, 2, snap_window=64)
 
 
 def test_scorers_rank_every_token_and_protect_sink_and_window():
