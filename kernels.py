@@ -10,6 +10,8 @@ length[b, h] hold its kept tokens in ascending token order, the rest are spare r
     python kernels.py                          # a small agreement check (CPU: v1 and v2 only)
     python kernels.py --bench                  # one table on a CUDA card (H100: a few minutes)
     python kernels.py --bench --out runs/kernels_h100.json
+    python kernels.py --profile                # eager vs CUDA-graph vs kernel time of each v3 path (CUDA)
+    python kernels.py --once                   # one evict and one decode: a driver for Nsight Compute (ncu)
     python -m pytest -q test_kernels.py        # CPU: Triton runs under TRITON_INTERPRET=1
 
 Eviction follows lukv.compress: the eviction order is a stable ascending sort of the scores, so
@@ -55,11 +57,11 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class Tuning:
     """Block sizes and launch shapes of the v3 kernels; the benchmark prints variant rows of some of them."""
     select_slice: int = 1024  # tokens per program of the radix rounds and the compaction (a power of two;
-    #                           1024 beat 2048 on an H200, 2026-11-27: 277 vs 338 us at B=1, H=32, T=32k)
+    #                           2048 tied 1024 in CUDA-graph timings on an H100, 2026-11-27: 128.6 vs 129.9 us)
     select_warps: int = 4  # warps per radix-round program
     radix_bits: int = 8  # bits per radix digit (2, 4 or 8): 32 / radix_bits rounds of 2^radix_bits bins
     histogram_dot: bool = False  # 8-bit digits counted by a one-hot matrix product instead of tl.histogram: 1.6x
-    #                              slower per evict on an H100 (205.7 vs 129.7 us; occupancy 11.5%), kept as a variant
+    #                              slower per evict on an H100 (207.1 vs 129.9 us), kept as a variant row
     copy_rows: int = 32  # packed rows per copy tile of the compaction kernel (32 x 128 bf16 = 8 KB)
     copy_warps: int = 4  # warps per compaction program
     decode_block_n: int = 64  # keys per inner tile of the decode kernel (one size for every chunk: one compile)
@@ -201,24 +203,31 @@ def _check_evict(k, v, scores, counts, sink, window, slack):
 
 
 _LAYOUTS = {}  # (counts, slack, device) -> the layout's (3, B, H) device tensor and N: see _layout
+MAX_LAYOUTS = 256  # distinct layouts kept; entries are never dropped (a recorded CUDA graph may read them)
 
 
 def _layout(counts, slack, device):
     """start, length, capacity (B, H) on the device and N: heads packed back to back.
 
-    The host -> device copy of a layout is made once per distinct (counts, slack, device) and kept
-    in a small cache; a repeated call copies nothing from the host (a CUDA graph can record it, and
-    the host pays no pinned copy). Callers get a clone, which they may change in place (append
-    grows `length`).
+    The host -> device copy of a layout is made once per distinct (counts, slack, device) and kept;
+    a repeated call copies nothing from the host. That matters for CUDA graphs: a captured copy
+    from a temporary pinned buffer would replay whatever that buffer holds later, while a captured
+    clone of a kept tensor replays the right layout. Callers get a clone, which they may change in
+    place (append grows `length`). Past MAX_LAYOUTS distinct layouts, new ones are copied on every
+    call and not kept (do not record those into a graph).
     """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" are one device
     key = (counts.numpy().tobytes(), tuple(counts.shape), slack, str(device))
-    if key not in _LAYOUTS:
+    if key in _LAYOUTS:
+        meta, n_rows = _LAYOUTS[key]
+    else:
         capacity = counts + slack
         start = torch.cumsum(capacity.flatten(), 0).view_as(capacity) - capacity  # exclusive prefix sum
-        if len(_LAYOUTS) >= 256:  # a bound, not a policy: callers with ever-new counts pay one copy each
-            _LAYOUTS.clear()
-        _LAYOUTS[key] = _to_device(torch.stack([start, counts, capacity]), device), int(capacity.sum())
-    meta, n_rows = _LAYOUTS[key]
+        meta, n_rows = _to_device(torch.stack([start, counts, capacity]), device), int(capacity.sum())
+        if len(_LAYOUTS) < MAX_LAYOUTS:
+            _LAYOUTS[key] = meta, n_rows
     meta = meta.clone()  # (3, B, H) a device copy: no host involved
     return meta[0], meta[1], meta[2], n_rows
 
@@ -308,7 +317,7 @@ def _histogram_dot(digit, mask, BITS: tl.constexpr, DOT_F32: tl.constexpr):
     matrices cost SLICE * 2R compares where tl.histogram pays about SLICE * R * R, and the sums are
     exact: 0/1 inputs, fp32 accumulation, at most SLICE per bin. Measured (H100, 2026-11-27): the
     rounds got slower, 31-48 us against 9-15 us, because the (SLICE, R) one-hot tiles cut the
-    occupancy to 11.5% (results/kernels_bench_h100_histogram_dot.txt); a variant row, not the default.
+    achieved occupancy to 11.5% (results/ncu_h100_histogram_dot.txt); a variant row, not the default.
     """
     R: tl.constexpr = 2 ** (BITS // 2)
     offs_r = tl.arange(0, R)
@@ -449,6 +458,9 @@ def _select(scores, counts, sink, window):
     B, H, T = scores.shape
     slice_len = TUNING.select_slice  # one size for every T: GPU tests and runs compile it once
     bits = TUNING.radix_bits
+    if bits not in (1, 2, 4, 8):
+        raise ValueError(f"Tuning.radix_bits must divide the 32-bit key into equal digits of at most 8 bits "
+                         f"(1, 2, 4 or 8), got {bits}: other widths leave key bits unselected")
     n_slices, rounds = triton.cdiv(T, slice_len), 32 // bits
     hist = torch.zeros(B * H, rounds, 2 ** bits, dtype=torch.int32, device=scores.device)
     gt, eq = (torch.empty(B * H, n_slices, 2 ** bits, dtype=torch.int32, device=scores.device) for _ in range(2))
@@ -877,15 +889,16 @@ EVICT_VARIANTS = [("one-hot dot", dict(histogram_dot=True)),  # the radix rounds
                   ("slice2048", dict(select_slice=2048, copy_rows=64)),  # half the programs
                   ("radix4", dict(radix_bits=4)),  # 8 rounds of 16 bins: tl.histogram's cost grows with the bins
                   ("radix2", dict(radix_bits=2))]  # 16 rounds of 4 bins
-DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3)),
-                   ("n64w4s4", dict(decode_block_n=64, decode_warps=4, decode_stages=4)),  # G = 1 only
-                   ("n32w4s4", dict(decode_block_n=32, decode_warps=4, decode_stages=4)),  # G = 1 only
-                   ("n128w8s2", dict(decode_block_n_gqa=128, decode_warps_gqa=8, decode_stages_gqa=2))]  # G > 1 only
+# (label, overrides, the head groups it changes: "any", "G=1" or "G>1")
+DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3), "any"),
+                   ("n64w4s4", dict(decode_block_n=64, decode_warps=4, decode_stages=4), "G=1"),
+                   ("n32w4s4", dict(decode_block_n=32, decode_warps=4, decode_stages=4), "G=1"),
+                   ("n128w8s2", dict(decode_block_n_gqa=128, decode_warps_gqa=8, decode_stages_gqa=2), "G>1")]
 
 
-def _variant_applies(label, G):
-    """Tile variants belong to one kind of head group (they change the G = 1 or the G > 1 tiles); 3/SM to both."""
-    return label == "3/SM" or ("decode_block_n" in dict(DECODE_VARIANTS)[label]) == (G == 1)
+def _variant_applies(groups, G):
+    """Whether a decode variant changes the kernel that runs for head groups of G query heads."""
+    return groups == "any" or groups == ("G=1" if G == 1 else "G>1")
 
 
 def _with(overrides, fn):
@@ -977,8 +990,8 @@ def bench(out=None, quick=False, passes=3):
             for impl in ("v1", "v2", "v3") if shape == "spread" else ("v3",):
                 add("decode", case, f"{impl} {shape}", lambda impl=impl, q=q, kp=kp, vp=vp, start=start, length=length:
                     DECODE[impl](q, kp, vp, start, length), nbytes)
-            for label, overrides in DECODE_VARIANTS if shape in ("spread", "skewed") else ():
-                if not _variant_applies(label, G):
+            for label, overrides, groups in DECODE_VARIANTS if shape in ("spread", "skewed") else ():
+                if not _variant_applies(groups, G):
                     continue
                 run = _with(overrides, lambda q=q, kp=kp, vp=vp, start=start, length=length:
                             decode_v3(q, kp, vp, start, length))
@@ -1128,8 +1141,8 @@ def _graph_us(fn):
     return (1000 * do_bench(replay, warmup=25, rep=100, return_mode="median") if replay else None), why
 
 
-def once():
-    """One E1 evict and one D1 decode with the v3 kernels and nothing else: a driver for Nsight Compute,
+def ncu_driver():
+    """Run one E1 evict and one D1 decode with the v3 kernels and nothing else, for Nsight Compute:
 
         ncu --kernel-name regex:"_radix_round|_compact|_decode_split|_decode_combine" --launch-count 7 \\
             --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \\
@@ -1164,13 +1177,11 @@ def profile_kernels():
     for label, overrides in EVICT_VARIANTS:
         runs.append((f"E1 evict v3 {label}", _with(overrides, lambda: evict_v3(k, v, scores, counts, 4, 64))))
     runs.append(("E1 evict v1", lambda: evict_v1(k, v, scores, counts, 4, 64)))
-    decode_inputs = []
     for name, B, H, G, T in (("D1", 1, 32, 1, 32768), ("D2", 8, 8, 4, 32768), ("D3", 1, 8, 4, 32768),
                              ("D4", 1, 8, 4, 131072)):
         q = torch.randn(B, H, G, D, dtype=dtype, device=dev)
         for shape in ("spread", "skewed"):
             kp, vp, start, length, _ = _random_packed(_lengths(B, H, T // 5, T, shape, gen), D, dtype, dev)
-            decode_inputs.append((kp, vp))
             runs.append((f"{name} decode v3 {shape}",
                          lambda q=q, kp=kp, vp=vp, start=start, length=length: decode_v3(q, kp, vp, start, length)))
     print(f"{torch.cuda.get_device_name()} | {datetime.date.today()} | torch {torch.__version__} | "
@@ -1225,7 +1236,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=None, help="write the benchmark rows as JSON to this path")
     args = parser.parse_args()
     if args.once:
-        once()
+        ncu_driver()
     elif args.profile:
         profile_kernels()
     elif args.bench:

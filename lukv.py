@@ -684,7 +684,7 @@ def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, c
     One prefill per example: the cache is cloned and compressed once per method. Query-agnostic
     compresses the context before the question (the paper's setting); query-aware compresses
     the context and the question (all but its last token, which is then decoded).
-    Returns {"rows": [...], "full": {setting: {family: acc}}}.
+    Returns {"rows": [...], "full": {setting: {family: acc}}, "full_qa_by_kind": {kind: [hits, n]}, ...}.
     """
     stop = enc.encode_ordinary("\n")[0]
     tally = {}  # (setting, ratio, scorer, allocator, family) -> [hits, n, bytes, oracle_loss]
@@ -937,6 +937,9 @@ if __name__ == "__main__":
     if not (args.demo or args.profile or args.eval or args.full_cache or args.knockout or args.taskloss):
         parser.print_help()
         sys.exit(0)
+    if args.model and (args.calib_correct_only or args.calib_seed):
+        parser.error("--calib-seed and --calib-correct-only choose the tiny model's calibration questions (tasks qa); "
+                     "--model profiles on text (hf.py, --text) and has no questions to choose: drop them")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, stop_at_answer=not args.past_answer,

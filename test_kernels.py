@@ -156,8 +156,7 @@ def test_evict_any_slice_length_keeps_the_same_tokens(monkeypatch, slice_len):
 @pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("bits, dot", [(2, False), (4, False), (8, True)])
 def test_evict_any_digit_width_keeps_the_same_tokens(monkeypatch, bits, dot):
-    """Radix digits of 2 or 4 bits (16 or 8 rounds), and 8-bit digits counted by the one-hot matrix product
-    instead of tl.histogram, keep exactly v1's tokens and rows, with many ties."""
+    """2- and 4-bit radix digits, and 8-bit digits counted by a one-hot product, keep exactly v1's tokens and rows."""
     monkeypatch.setattr(kernels.TUNING, "radix_bits", bits)
     monkeypatch.setattr(kernels.TUNING, "histogram_dot", dot)
     monkeypatch.setattr(kernels.TUNING, "select_slice", 64)
@@ -374,15 +373,17 @@ def test_append_writes_one_row_per_head_in_place(impl):
     assert torch.equal(decode_attention(q, k, v, start, length, impl="v1"), decode_v1(q, k, v, start, length))
 
 
-def test_layout_cache_hands_out_copies():
+def test_layout_cache_hands_out_copies(monkeypatch):
     """Two evictions with the same counts share one cached layout, yet appending to the first leaves the second intact."""
+    monkeypatch.setattr(kernels, "_LAYOUTS", {})
     k, v = (torch.randn(1, 2, 40, 16, device=DEV) for _ in range(2))
     scores, counts = torch.rand(1, 2, 40, device=DEV), torch.tensor([[5, 9]])
     first = evict_v1(k, v, scores, counts, slack=4)
     APPEND["v1"](first.k, first.v, first.pos, first.start, first.length, first.capacity,
                  torch.randn(1, 2, 16, device=DEV), torch.randn(1, 2, 16, device=DEV), 40)
     second = evict_v1(k, v, scores, counts, slack=4)
-    assert first.length.tolist() == [[6, 10]] and second.length.tolist() == [[5, 9]]
+    assert len(kernels._LAYOUTS) == 1, f"{len(kernels._LAYOUTS)} cached layouts for one (counts, slack, device)"
+    assert first.length.tolist() == [[6, 10]] and second.length.tolist() == [[5, 9]], (first.length, second.length)
     assert torch.equal(second.start, first.start)
     untouched = torch.ones_like(first.pos, dtype=torch.bool)
     untouched[first.start.flatten() + torch.tensor([5, 9], device=DEV)] = False  # the two appended rows

@@ -772,17 +772,22 @@ def test_shipped_checkpoint_is_small_and_records_its_making(shipped):
     assert model.cfg.n_kv_head < model.cfg.n_head  # GQA: the cache is stored per KV head
 
 
-def test_correct_only_calibration_drops_wrong_answers(enc):
-    """--calib-correct-only keeps only questions answered right: an untrained model answers none, which is refused
-    by name, while the plain profile of the same model is built."""
+def test_correct_only_calibration_keeps_exactly_the_right_answers(enc, monkeypatch):
+    """--calib-correct-only keeps exactly the questions judged right, and refuses by name when none is."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
                           mlp_hidden=64)).eval()
-    quiet = lambda *a, **k: None  # noqa: E731
-    table = lukv.build_profile(model, enc, ["snapkv"], LUKVConfig(), 1, 2, 256, log=quiet)["snapkv"]
-    assert table.shape == (99, 2, 2)
+    lines = []
+    log = lambda done, total, text: lines.append(text)  # noqa: E731
+    table = lukv.build_profile(model, enc, ["snapkv"], LUKVConfig(), 1, 4, 256, log=log)["snapkv"]
+    assert table.shape == (99, 2, 2) and "(4 (context, question) tables" in lines[-1], lines[-1]
+    verdicts = iter([True, False, False, True])  # the judge of the 4 calibration answers, in order
+    monkeypatch.setattr(tasks, "exact_match", lambda *args: next(verdicts))
+    lukv.build_profile(model, enc, ["snapkv"], LUKVConfig(correct_only=True), 1, 4, 256, log=log)
+    assert "(2 (context, question) tables" in lines[-1], lines[-1]
+    monkeypatch.setattr(tasks, "exact_match", lambda *args: False)
     with pytest.raises(RuntimeError, match="no calibration question was kept"):
-        lukv.build_profile(model, enc, ["snapkv"], LUKVConfig(correct_only=True), 1, 2, 256, log=quiet)
+        lukv.build_profile(model, enc, ["snapkv"], LUKVConfig(correct_only=True), 1, 4, 256, log=log)
 
 
 def test_shipped_profiles_belong_to_the_shipped_model(shipped):
