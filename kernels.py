@@ -73,6 +73,9 @@ class Tuning:
     decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
     decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
     combine_block: int = 64  # partial results per tile of the combine kernel
+    decode_fused_combine: bool = False  # merge each head in the split kernel's last part of it (no second launch):
+    #                                     correct, but slower on an H100 (D1 57.2 vs 55.1 us, D2 101.8 vs 93.9 us;
+    #                                     results/kernels_bench_h100_fused.txt), so a variant row
 
 
 TUNING = Tuning()
@@ -571,6 +574,9 @@ def decode_v2(q, k_packed, v_packed, start, length, scale=None):
 #                           head's parts p_first .. p_last, found by arithmetic, not by a table
 # Slot p + h is unique: walking the stream, each new segment moves to the next part or the next head (or
 # both), so p + h strictly increases; hence P + B*H slots suffice.
+# Fused (Tuning.decode_fused_combine): no second launch. After writing a segment, a part takes a ticket
+# for its head (an atomic counter, acquire-release); the part that takes the head's last ticket sees
+# every other part's partial result and merges them with the same _merge_parts, then resets the counter.
 
 
 @triton.jit
@@ -585,6 +591,32 @@ def _token_stream(length_ptr, n_heads, n_parts, chunk, min_chunk, BLOCK_HEADS: t
     auto = tl.maximum((auto + BLOCK_N - 1) // BLOCK_N * BLOCK_N, min_chunk)  # ... in whole tiles, not too short
     width = tl.where(chunk > 0, chunk + 0 * total, auto)  # a caller's chunk wins (tests, tuning)
     return offs_h, lengths, ends, total, width
+
+
+@triton.jit
+def _merge_parts(o_part_ptr, lse_part_ptr, out_ptr, head, g, p_first, n, n_slots, G, D: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[head, g] = the log-sum-exp merge of the head's n partial results, slots p_first + head + 0 .. n - 1."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_d = tl.arange(0, BLOCK_D)
+    l = (n * 0).to(tl.float32)  # scalar running sums
+    m = l - float("inf")
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for c0 in range(0, n, BLOCK_C):  # one pass: rescale the running sums when the maximum grows
+        slot = p_first + c0 + offs_c + head  # (BLOCK_C,)
+        mask_c = (c0 + offs_c < n) & (slot < n_slots)  # (lengths past N never read past the buffer)
+        lse = tl.load(lse_part_ptr + slot * G + g, mask=mask_c, other=float("-inf"))
+        o = tl.load(o_part_ptr + (slot * G + g)[:, None] * D + offs_d[None, :],
+                    mask=mask_c[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_C, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: weights 0, not NaN
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)  # (BLOCK_C,)
+        l = l * alpha + tl.sum(w, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        m = m_new
+    out = tl.where(l > 0, acc / l, 0.0)  # an empty head attends to nothing: zeros
+    tl.store(out_ptr + (head * G + g) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit
@@ -610,18 +642,29 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= D, >= 16
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_F32: tl.constexpr,  # upcast dot operands (the Triton 3.9 interpreter's bf16 tl.dot is wrong)
+    out_ptr,  # (B*H, G, D) out when FUSED: the merged attention output, in the query dtype
+    ticket_ptr,  # (>= B*H,) int32 when FUSED: parts of each head done so far; zero between calls
+    FUSED: tl.constexpr,  # merge each head in the last part to finish it (no combine launch)
+    BLOCK_C: tl.constexpr,  # partial results per merge tile (FUSED)
 ):
     part = tl.program_id(0).to(tl.int64)
     offs_h, lengths, ends, total, width = _token_stream(length_ptr, n_heads, n_parts, chunk, min_chunk,
                                                         BLOCK_HEADS, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    if FUSED:
+        if part == 0:  # heads with no rows are in no part: their output is zeros
+            for g in range(G):
+                empty = (offs_h < n_heads) & (lengths == 0)
+                tl.store(out_ptr + (offs_h[:, None] * G + g) * D + offs_d[None, :],
+                         tl.zeros([BLOCK_HEADS, BLOCK_D], tl.float32).to(out_ptr.dtype.element_ty),
+                         mask=empty[:, None] & (offs_d[None, :] < D))
     lo = part * width  # this part is stream tokens lo .. hi - 1
     hi = tl.minimum(lo + width, total)
     if lo >= hi:  # the grid is an upper bound on the parts
         return
     first_head = tl.sum((ends <= lo).to(tl.int32), 0)  # heads that end before the part are skipped
     last_head = tl.sum((ends - lengths < hi).to(tl.int32), 0) - 1  # the last head that starts inside it
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
     mask_gd = (offs_g[:, None] < G) & (offs_d[None, :] < D)
     for head in range(first_head, last_head + 1):
         head_end = tl.sum(tl.where(offs_h == head, ends, 0), 0)
@@ -659,6 +702,16 @@ def _decode_split_kernel(
         tl.store(o_part_ptr + (slot * G + offs_g)[:, None] * D + offs_d[None, :], acc / l[:, None],
                  mask=write_g[:, None] & (offs_d[None, :] < D))
         tl.store(lse_part_ptr + slot * G + offs_g, m + tl.log2(l), mask=write_g)
+        if FUSED:
+            if t0 < t1:  # a ticket per head: the part that takes the last one merges the head
+                n_h = (head_end - 1) // width - head_begin // width + 1  # the parts that hold this head's rows
+                tl.debug_barrier()  # every thread's partial stores come before the ticket (released by it)
+                ticket = tl.atomic_add(ticket_ptr + head, 1, sem="acq_rel")
+                if ticket == n_h - 1:  # the others are done and their partials visible (acquired)
+                    for g in range(G):
+                        _merge_parts(o_part_ptr, lse_part_ptr, out_ptr, head, g, head_begin // width, n_h,
+                                     n_parts + n_heads, G, D, BLOCK_C, BLOCK_D)
+                    tl.atomic_xchg(ticket_ptr + head, 0, sem="relaxed")  # ready for the next call
 
 
 @triton.jit
@@ -686,26 +739,7 @@ def _decode_combine_kernel(
     head_len = tl.sum(tl.where(offs_h == head, lengths, 0), 0)
     p_first = (head_end - head_len) // width  # the parts that hold this head's rows
     n = tl.where(head_len > 0, (head_end - 1) // width - p_first + 1, 0)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, BLOCK_D)
-    l = (head_len * 0).to(tl.float32)  # scalar running sums
-    m = l - float("inf")
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for c0 in range(0, n, BLOCK_C):  # one pass: rescale the running sums when the maximum grows
-        slot = p_first + c0 + offs_c + head  # (BLOCK_C,)
-        mask_c = (c0 + offs_c < n) & (slot < n_parts + n_heads)  # (lengths past N never read past the buffer)
-        lse = tl.load(lse_part_ptr + slot * G + g, mask=mask_c, other=float("-inf"))
-        o = tl.load(o_part_ptr + (slot * G + g)[:, None] * D + offs_d[None, :],
-                    mask=mask_c[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_C, BLOCK_D)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: weights 0, not NaN
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(lse - m_safe)  # (BLOCK_C,)
-        l = l * alpha + tl.sum(w, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        m = m_new
-    out = tl.where(l > 0, acc / l, 0.0)  # an empty head attends to nothing: zeros
-    tl.store(out_ptr + (head * G + g) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    _merge_parts(o_part_ptr, lse_part_ptr, out_ptr, head, g, p_first, n, n_parts + n_heads, G, D, BLOCK_C, BLOCK_D)
 
 
 @functools.lru_cache(maxsize=None)
@@ -713,8 +747,21 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+_TICKETS = {}  # device -> int32 counters, one per head, zero between calls (the fused merge resets its own)
+
+
+def _tickets(device, n_heads):
+    """The fused decode's per-head ticket counters; kept (a CUDA graph may record them), grown when needed.
+
+    One set per device: two fused decodes running at once on different streams would share them.
+    """
+    if device not in _TICKETS or _TICKETS[device].numel() < n_heads:
+        _TICKETS[device] = torch.zeros(max(n_heads, 256), dtype=torch.int32, device=device)
+    return _TICKETS[device]
+
+
 def decode_v3(q, k_packed, v_packed, start, length, scale=None, chunk=None):
-    """Triton split-KV decode: 2 launches, metadata stays on the device (no sync).
+    """Triton split-KV decode: 2 launches (1 with Tuning.decode_fused_combine), metadata on the device (no sync).
 
     chunk: tokens per split program; None cuts the stream into Tuning.decode_programs_per_sm parts per SM.
     """
@@ -736,14 +783,18 @@ def decode_v3(q, k_packed, v_packed, start, length, scale=None, chunk=None):
     block_n, warps, stages = (TUNING.decode_block_n_gqa, TUNING.decode_warps_gqa, TUNING.decode_stages_gqa) if G > 1 \
         else (TUNING.decode_block_n, TUNING.decode_warps, TUNING.decode_stages)
     upcast = INTERPRET and q.dtype == torch.bfloat16
+    fused = TUNING.decode_fused_combine
+    tickets = _tickets(q.device, n_heads) if fused else o_part  # (unused when not fused)
     _decode_split_kernel[(n_parts,)](
         q, k_packed, v_packed, start, length, o_part, lse_part, n_heads, n_rows, n_parts, chunk, max(1, min_chunk),
         scale * math.log2(math.e), G, D=D, BLOCK_HEADS=block_heads, BLOCK_G=max(16, triton.next_power_of_2(G)),
         BLOCK_N=block_n, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        DOT_F32=upcast, num_warps=warps, num_stages=stages)
-    _decode_combine_kernel[(n_heads, G)](
-        o_part, lse_part, length, out, n_heads, n_parts, chunk, max(1, min_chunk), G, D=D, BLOCK_HEADS=block_heads,
-        BLOCK_N=block_n, BLOCK_C=TUNING.combine_block, BLOCK_D=block_d, num_warps=4)
+        DOT_F32=upcast, out_ptr=out, ticket_ptr=tickets, FUSED=fused, BLOCK_C=TUNING.combine_block,
+        num_warps=warps, num_stages=stages)
+    if not fused:
+        _decode_combine_kernel[(n_heads, G)](
+            o_part, lse_part, length, out, n_heads, n_parts, chunk, max(1, min_chunk), G, D=D,
+            BLOCK_HEADS=block_heads, BLOCK_N=block_n, BLOCK_C=TUNING.combine_block, BLOCK_D=block_d, num_warps=4)
     return out
 
 
@@ -891,6 +942,7 @@ EVICT_VARIANTS = [("one-hot dot", dict(histogram_dot=True)),  # the radix rounds
                   ("radix2", dict(radix_bits=2))]  # 16 rounds of 4 bins
 # (label, overrides, the head groups it changes: "any", "G=1" or "G>1")
 DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3), "any"),
+                   ("fused", dict(decode_fused_combine=True), "any"),  # the last part of each head merges it
                    ("n64w4s4", dict(decode_block_n=64, decode_warps=4, decode_stages=4), "G=1"),
                    ("n32w4s4", dict(decode_block_n=32, decode_warps=4, decode_stages=4), "G=1"),
                    ("n128w8s2", dict(decode_block_n_gqa=128, decode_warps_gqa=8, decode_stages_gqa=2), "G>1")]
