@@ -377,7 +377,7 @@ def run_cli(args, cfg):
                                      calibration=f"{source}: {len(contexts)} contexts of {args.length} tokens, "
                                                  f"future = the next {cfg.horizon} text tokens + {cfg.horizon} "
                                                  f"generated", contexts_computed=counts["computed"],
-                                     snap_window=cfg.snap_window, snap_kernel=cfg.snap_kernel,
+                                     snap_kernel=cfg.snap_kernel,
                                      kvpress=kvpress_usage(s, os.path.abspath(path), cfg))
             save_table(path, table, meta)
             print(f"wrote {path} {table.shape} and {sidecar(path)}")

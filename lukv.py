@@ -829,6 +829,7 @@ PROFILE_SCORERS = ["snapkv", "keydiff", "knorm", "oracle"]
 def profile_meta(scorer, model_id, cfg, **extra):
     """What a profile file records: who it belongs to and how it was made (refused if they differ)."""
     return {"scorer": scorer, "model": model_id, "sink": cfg.sink, "window": cfg.window, "min_share": cfg.min_share,
+            "snap_window": cfg.snap_window,  # SnapKV's observation window: load_profile refuses another
             "layout": "[99, n_layer, n_kv_head] prune ratios; row round(100 * ratio) - 1 (kvpress LUKVPress)",
             **extra}
 
@@ -964,7 +965,6 @@ if __name__ == "__main__":
         for s, table in tables.items():
             meta_p = profile_meta(s, model_id, cfg, horizon=cfg.horizon, stop_at_answer=cfg.stop_at_answer,
                                   normalise_values=cfg.normalise_values, correct_only=cfg.correct_only,
-                                  snap_window=cfg.snap_window,
                                   calibration=f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} "
                                               f"questions, {args.length} tokens, seed calibration-{args.calib_seed}")
             save_profile(profile_path(args.checkpoint, s), table, meta_p)

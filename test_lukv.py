@@ -462,6 +462,10 @@ def test_bad_method_inputs_are_refused(tmp_path):
         lukv.load_profile(str(tmp_path / "none.npz"), "snapkv", "abc", 2, 2)
     with pytest.raises(ValueError, match="SnapKV window 16, not 64"):  # a profile without the field: the default
         lukv.load_profile(path, "snapkv", "abc", 2, 2, snap_window=64)
+    lukv.save_profile(path, np.zeros((99, 2, 2)), lukv.profile_meta("snapkv", "abc", LUKVConfig(snap_window=64)))
+    assert lukv.load_profile(path, "snapkv", "abc", 2, 2, snap_window=64)[1]["snap_window"] == 64
+    with pytest.raises(ValueError, match="SnapKV window 64, not 16"):  # every profile_meta records the window
+        lukv.load_profile(path, "snapkv", "abc", 2, 2, snap_window=16)
 
 
 def test_scorers_rank_every_token_and_protect_sink_and_window():
