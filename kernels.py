@@ -654,8 +654,8 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     if FUSED:
         if part == 0:  # heads with no rows are in no part: their output is zeros
+            empty = (offs_h < n_heads) & (lengths == 0)  # (BLOCK_HEADS,)
             for g in range(G):
-                empty = (offs_h < n_heads) & (lengths == 0)
                 tl.store(out_ptr + (offs_h[:, None] * G + g) * D + offs_d[None, :],
                          tl.zeros([BLOCK_HEADS, BLOCK_D], tl.float32).to(out_ptr.dtype.element_ty),
                          mask=empty[:, None] & (offs_d[None, :] < D))
@@ -905,6 +905,12 @@ def _lengths(B, H, mean, T, shape, gen):
     return lengths
 
 
+def _evict_inputs(B, H, T, D, dtype, device, gen):
+    """E1-style evict inputs: k, v (B, H, T, D), scores (B, H, T), counts (B, H) from 0.5x to 1.5x of 20% of T."""
+    k, v = (torch.randn(B, H, T, D, dtype=dtype, device=device) for _ in range(2))
+    return k, v, torch.rand(B, H, T, device=device), _lengths(B, H, T // 5, T, "spread", gen)
+
+
 def _random_packed(lengths, D, dtype, device, slack=32):
     start, length, capacity, N = _layout(lengths, slack, torch.device(device))
     return torch.randn(N, D, dtype=dtype, device=device), torch.randn(N, D, dtype=dtype, device=device), \
@@ -1003,9 +1009,7 @@ def bench(out=None, quick=False, passes=3):
 
     # evict: B=1, H=32, T=32k, 20% kept, per-head counts from 0.5x to 1.5x the mean; bytes counted first
     B, H, T = 1, 32, 8192 if quick else 32768
-    k, v = (torch.randn(B, H, T, D, dtype=dtype, device=dev) for _ in range(2))
-    scores = torch.rand(B, H, T, device=dev)
-    counts = _lengths(B, H, T // 5, T, "spread", gen)
+    k, v, scores, counts = _evict_inputs(B, H, T, D, dtype, dev, gen)
     kv_bytes = 4 * int(counts.sum()) * D * elt  # read + write every kept K and V row
     case = f"E1: B={B} H={H} T={T} 20%"
     kept = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=dev)
@@ -1202,9 +1206,7 @@ def ncu_driver():
     """
     gen = torch.Generator().manual_seed(0)
     dev, dtype, D, B, H, T = "cuda", torch.bfloat16, 128, 1, 32, 32768
-    k, v = (torch.randn(B, H, T, D, dtype=dtype, device=dev) for _ in range(2))
-    scores = torch.rand(B, H, T, device=dev)
-    evict_v3(k, v, scores, _lengths(B, H, T // 5, T, "spread", gen), 4, 64)
+    evict_v3(*_evict_inputs(B, H, T, D, dtype, dev, gen), 4, 64)
     q = torch.randn(B, H, 1, D, dtype=dtype, device=dev)
     kp, vp, start, length, _ = _random_packed(_lengths(B, H, T // 5, T, "spread", gen), D, dtype, dev)
     decode_v3(q, kp, vp, start, length)
@@ -1221,10 +1223,7 @@ def profile_kernels():
     dev, dtype, D = "cuda", torch.bfloat16, 128
     gen = torch.Generator().manual_seed(0)
     runs = []
-    B, H, T = 1, 32, 32768
-    k, v = (torch.randn(B, H, T, D, dtype=dtype, device=dev) for _ in range(2))
-    scores = torch.rand(B, H, T, device=dev)
-    counts = _lengths(B, H, T // 5, T, "spread", gen)
+    k, v, scores, counts = _evict_inputs(1, 32, 32768, D, dtype, dev, gen)
     runs.append(("E1 evict v3", lambda: evict_v3(k, v, scores, counts, 4, 64)))
     for label, overrides in EVICT_VARIANTS:
         runs.append((f"E1 evict v3 {label}", _with(overrides, lambda: evict_v3(k, v, scores, counts, 4, 64))))
