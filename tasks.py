@@ -196,14 +196,14 @@ def make_cast(rng, n):
 
 
 def make_events(rng, cast, n):
-    """Events with distinct (name, verb, object) and distinct (verb, object, place), so each
-    question about them has exactly one answer."""
-    events, seen_nvo, seen_vop = [], set(), set()
-    while len(events) < n:
-        e = Event(rng.choice(cast).name, rng.choice(list(VERBS)), rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(DAYS))
-        if (e.name, e.verb, e.obj) in seen_nvo or (e.verb, e.obj, e.place) in seen_vop:
-            continue
-        seen_nvo.add((e.name, e.verb, e.obj))
+    """n events, at most one per character (so "What did Tom buy?" has one answer), with distinct
+    (verb, object, place) (so "Who bought a chair in the bakery?" has one answer)."""
+    events, seen_vop = [], set()
+    for name in rng.sample([c.name for c in cast], min(n, len(cast))):
+        while True:
+            e = Event(name, rng.choice(list(VERBS)), rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(DAYS))
+            if (e.verb, e.obj, e.place) not in seen_vop:
+                break
         seen_vop.add((e.verb, e.obj, e.place))
         events.append(e)
     return events
@@ -221,8 +221,10 @@ def mention_sentence(rng, c, cast):
                        f"In {c.city}, {c.name} spoke with {other.name} the {other.job}."])
 
 
-def event_sentence(e):
-    return f"On {e.day}, {e.name} {VERBS[e.verb]} a {e.obj} in the {e.place}."
+def event_sentences(e):
+    """An event told in two sentences, each ending on a word that a question asks for."""
+    past = VERBS[e.verb]
+    return [f"{e.name} {past} a {e.obj} on {e.day}.", f"{e.name} {past} a {e.obj} in the {e.place}."]
 
 
 def grammar_sentence(rng):
@@ -235,7 +237,7 @@ def prose_sentences(rng, n_words, cast=None, events=()):
     """About n_words of prose: facts first, mentions and events spread through, grammar between."""
     cast = cast or make_cast(rng, rng.randint(3, 6))
     out, words = [], 0
-    pending = [s for c in cast for s in fact_sentences(c)] + [event_sentence(e) for e in events]
+    pending = [s for c in cast for s in fact_sentences(c)] + [s for e in events for s in event_sentences(e)]
     rng.shuffle(pending)
     # place every pending fact/event in the first 90% so each is stated before being asked about
     while words < n_words:
@@ -380,17 +382,18 @@ def make_fwe(rng, n_words, n_questions, alpha=2.0):
 def make_qa(rng, n_words, n_questions):
     """Calibration family: prose with events; who did what, where, when, and facts of the cast."""
     cast = make_cast(rng, rng.randint(4, 7))
-    events = make_events(rng, cast, rng.randint(4, 8))
+    events = make_events(rng, cast, rng.randint(3, len(cast)))
     sentences, _ = prose_sentences(rng, n_words, cast, events)
     context = " ".join(sentences)
     questions = []
     for e in events:  # verb is the base form; VERBS[verb] its past tense
         past = VERBS[e.verb]
         questions += [
-            (f"\nQuestion: What did {e.name} {e.verb} on {e.day}?\nAnswer: On {e.day}, {e.name} {past} a", f" {e.obj}"),
+            (f"\nQuestion: What did {e.name} {e.verb} on {e.day}?\nAnswer: {e.name} {past} a", f" {e.obj}"),
             (f"\nQuestion: Who {past} a {e.obj} in the {e.place}?\nAnswer:", f" {e.name}"),
-            (f"\nQuestion: When did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} the {e.obj} on", f" {e.day}"),
-            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} the {e.obj} in the", f" {e.place}"),
+            (f"\nQuestion: When did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} on", f" {e.day}"),
+            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} in the",
+             f" {e.place}"),
         ]
     for c in cast:
         questions += [
@@ -469,16 +472,11 @@ def solve(family, context, question):
         return " " + " ".join(sorted(top) if family == "cwe" else top)
     if family == "qa":
         prefix = question.split("Answer:")[1].strip()
-        if prefix == "":  # who did it: the name before the verb in the event sentence
+        if prefix == "":  # who did it: the name that starts the event's "in the <place>" sentence
             event = regex.findall(r"Who (.+)\?", question)[0]
-            return " " + [s for s in sentences if event in s][0].split(", ")[1].split()[0]
-        if prefix.startswith("On "):  # what: the object after the prefix
-            return " " + [s for s in sentences if s.startswith(prefix)][0][len(prefix):].split()[0]
-        if prefix.endswith(" on") or prefix.endswith(" in the"):  # when / where: find the event sentence
-            name, past, _, obj = prefix.split()[:4]
-            event = [s for s in sentences if f"{name} {past} a {obj}" in s][0]
-            return " " + (event.split()[1].rstrip(",") if prefix.endswith(" on") else event.split()[-1].rstrip("."))
-        return " " + [s for s in sentences if s.startswith(prefix)][0][len(prefix):].split()[0]
+            return " " + [s for s in sentences if s.rstrip(".").endswith(event)][0].split()[0]
+        # every other answer is the word after the prefix in the one sentence that starts with it
+        return " " + [s for s in sentences if s.startswith(prefix + " ")][0][len(prefix):].split()[0].rstrip(".")
     raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
 
 
