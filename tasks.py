@@ -8,7 +8,7 @@ ranks are saved in tiktoken's rank-file format next to the checkpoint.
 The text has two kinds of structure, so that heads specialise:
 - local: sentences from a small grammar in which a noun decides its verb and its adjectives;
 - long-range: each document has a cast of characters whose home, job and pet never change and
-  are mentioned again later, plus events (who did what, where, when) stated once.
+  are mentioned again later, plus events (who did what, where, when), each told in two short sentences.
 
 Task families (each example is a context, a question and an answer, so that a context can be
 compressed before the question is seen, the paper's query-agnostic setting):
@@ -43,7 +43,6 @@ CITIES = ("Paris Rome Oslo Lima Cairo Delhi Tokyo Berlin Madrid Vienna Dublin Pr
 JOBS = "baker teacher doctor farmer pilot painter writer nurse singer tailor sailor miner judge cook clerk poet".split()
 PETS = "cat dog horse parrot rabbit goat turtle owl mouse pony hamster lizard".split()
 OBJECTS = "lamp book chair coat ring map cup rope kite drum bell hat vase clock knife sword mirror basket".split()
-PLACES = "market garden station library harbor bakery school temple bridge museum forest castle tower village".split()
 DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
 VERBS = dict(pair.split("/") for pair in  # base form -> past tense
              "buy/bought find/found paint/painted sell/sold lose/lost fix/fixed carry/carried hide/hid clean/cleaned borrow/borrowed".split())
@@ -161,7 +160,7 @@ def tokenizer_corpus(seed=0, n_docs=300):
         family = FAMILIES[i % len(FAMILIES)]
         ex = make_example(family, rng, n_tokens=rng.choice([256, 512]), n_questions=3)
         parts.append(ex.context + "".join(q + a + "\n" for q, a in ex.qa))
-    pools = NAMES + CITIES + JOBS + PETS + OBJECTS + PLACES + DAYS + list(VERBS) + list(VERBS.values()) + KEYS + CWE_WORDS + CODED + VAR_NAMES
+    pools = NAMES + CITIES + JOBS + PETS + OBJECTS + DAYS + list(VERBS) + list(VERBS.values()) + KEYS + CWE_WORDS + CODED + VAR_NAMES
     for g in GRAMMAR.values():
         pools += g[0] + g[1] + g[2]
     numbers = [str(n) for n in range(100, 1000)]
@@ -186,7 +185,7 @@ class Event:
     name: str
     verb: str
     obj: str
-    place: str
+    place: str  # a city
     day: str
 
 
@@ -196,17 +195,11 @@ def make_cast(rng, n):
 
 
 def make_events(rng, cast, n):
-    """n events, at most one per character (so "What did Tom buy?" has one answer), with distinct
-    (verb, object, place) (so "Who bought a chair in the bakery?" has one answer)."""
-    events, seen_vop = [], set()
-    for name in rng.sample([c.name for c in cast], min(n, len(cast))):
-        while True:
-            e = Event(name, rng.choice(list(VERBS)), rng.choice(OBJECTS), rng.choice(PLACES), rng.choice(DAYS))
-            if (e.verb, e.obj, e.place) not in seen_vop:
-                break
-        seen_vop.add((e.verb, e.obj, e.place))
-        events.append(e)
-    return events
+    """n events with distinct people and distinct objects, so that every question about them has
+    exactly one answer and the words before each answer ("bought a chair on") occur only once."""
+    names = rng.sample([c.name for c in cast], min(n, len(cast)))
+    objects = rng.sample(OBJECTS, len(names))
+    return [Event(nm, rng.choice(list(VERBS)), ob, rng.choice(CITIES), rng.choice(DAYS)) for nm, ob in zip(names, objects)]
 
 
 def fact_sentences(c):
@@ -222,9 +215,13 @@ def mention_sentence(rng, c, cast):
 
 
 def event_sentences(e):
-    """An event told in two sentences, each ending on a word that a question asks for."""
+    """An event told in two sentences, each ending on a word that a question asks for, right after
+    the event's own object ("Tom bought a chair on" -> Monday, "... a chair in" -> Oslo): the form
+    of the cast facts, which the model answers right. Told as "On Monday, Tom bought a chair in the
+    bakery." (the first design), the day sat before the name and the place after "in the", and the
+    model found them in only 10/29 and 3/32 questions (README, "Which questions fail")."""
     past = VERBS[e.verb]
-    return [f"{e.name} {past} a {e.obj} on {e.day}.", f"{e.name} {past} a {e.obj} in the {e.place}."]
+    return [f"{e.name} {past} a {e.obj} on {e.day}.", f"{e.name} {past} a {e.obj} in {e.place}."]
 
 
 def grammar_sentence(rng):
@@ -390,10 +387,9 @@ def make_qa(rng, n_words, n_questions):
         past = VERBS[e.verb]
         questions += [
             (f"\nQuestion: What did {e.name} {e.verb} on {e.day}?\nAnswer: {e.name} {past} a", f" {e.obj}"),
-            (f"\nQuestion: Who {past} a {e.obj} in the {e.place}?\nAnswer:", f" {e.name}"),
+            (f"\nQuestion: Who {past} a {e.obj} in {e.place}?\nAnswer:", f" {e.name}"),
             (f"\nQuestion: When did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} on", f" {e.day}"),
-            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} in the",
-             f" {e.place}"),
+            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} in", f" {e.place}"),
         ]
     for c in cast:
         questions += [
@@ -472,7 +468,7 @@ def solve(family, context, question):
         return " " + " ".join(sorted(top) if family == "cwe" else top)
     if family == "qa":
         prefix = question.split("Answer:")[1].strip()
-        if prefix == "":  # who did it: the name that starts the event's "in the <place>" sentence
+        if prefix == "":  # who did it: the name that starts the event's "... in <city>" sentence
             event = regex.findall(r"Who (.+)\?", question)[0]
             return " " + [s for s in sentences if s.rstrip(".").endswith(event)][0].split()[0]
         # every other answer is the word after the prefix in the one sentence that starts with it
