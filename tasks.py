@@ -195,7 +195,7 @@ def make_cast(rng, n):
 
 
 def make_events(rng, cast, n):
-    """n events with distinct people and distinct objects, so that every question about them has
+    """n events (at most one per person) with distinct objects, so that every question about them has
     exactly one answer and the words before each answer ("bought a chair on") occur only once."""
     names = rng.sample([c.name for c in cast], min(n, len(cast)))
     objects = rng.sample(OBJECTS, len(names))

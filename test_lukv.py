@@ -293,6 +293,22 @@ def test_generators_are_deterministic_and_answers_recoverable(family, enc):
             assert tasks.exact_match(family, got, ans), f"{family}: {q!r} -> {got!r}, expected {ans!r}"
 
 
+def test_every_qa_answer_is_the_only_word_after_its_prompt():
+    """In a qa context, each answer prompt's words are followed by the answer and by no other word (one answer per question)."""
+    rng = random.Random("unique")
+    for _ in range(20):
+        ex = tasks.make_example("qa", rng, 1024, 40)
+        sentences = ex.context.rstrip(".").split(". ")
+        for q, ans in ex.qa:
+            prefix = q.split("Answer:")[1].strip()
+            if prefix:  # "Tom bought a chair in" -> the next word of every sentence that starts so
+                found = {s[len(prefix):].split()[0] for s in sentences if s.startswith(prefix + " ")}
+            else:  # "Who bought a chair in Oslo?" -> the first word of every sentence that ends so
+                event = q.split("Who ")[1].split("?")[0]
+                found = {s.split()[0] for s in sentences if s.endswith(" " + event)}
+            assert found == {ans.strip()}, (q, found, ans)
+
+
 def test_every_qa_question_has_a_kind():
     """question_kind names every calibration question, and all seven kinds occur (the per-kind accuracy is complete)."""
     rng = random.Random("kinds")
