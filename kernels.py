@@ -941,6 +941,9 @@ def _varlen(q, k_packed, v_packed, start, lengths):
     return run
 
 
+# the decode cases of the benchmark and --profile: (name, B, H KV heads, G query heads per KV head, T context)
+DECODE_CASES = [("D1", 1, 32, 1, 32768), ("D2", 8, 8, 4, 32768), ("D3", 1, 8, 4, 32768), ("D4", 1, 8, 4, 131072)]
+
 # variant rows of the benchmark: the same kernels under other TUNING values (pick defaults from one run)
 EVICT_VARIANTS = [("one-hot dot", dict(histogram_dot=True)),  # the radix rounds' histogram on the tensor cores
                   ("slice2048", dict(select_slice=2048, copy_rows=64)),  # half the programs
@@ -1027,8 +1030,7 @@ def bench(out=None, quick=False, passes=3):
         "diagnostic: memset + the radix rounds")
 
     # decode: one query token per query head over a 20% packed cache
-    cases = [("D1", 1, 32, 1, 32768), ("D2", 8, 8, 4, 32768), ("D3", 1, 8, 4, 32768), ("D4", 1, 8, 4, 131072)]
-    for name, B, H, G, T in cases[:2] if quick else cases:
+    for name, B, H, G, T in DECODE_CASES[:2] if quick else DECODE_CASES:
         case, mean = f"{name}: B={B} Hq={H * G} Hkv={H} T={T}", T // 5
         q = torch.randn(B, H, G, D, dtype=dtype, device=dev)
         for label, n in (("SDPA flash, full cache", T), ("SDPA flash, uniform 20%", mean)):
@@ -1228,8 +1230,7 @@ def profile_kernels():
     for label, overrides in EVICT_VARIANTS:
         runs.append((f"E1 evict v3 {label}", _with(overrides, lambda: evict_v3(k, v, scores, counts, 4, 64))))
     runs.append(("E1 evict v1", lambda: evict_v1(k, v, scores, counts, 4, 64)))
-    for name, B, H, G, T in (("D1", 1, 32, 1, 32768), ("D2", 8, 8, 4, 32768), ("D3", 1, 8, 4, 32768),
-                             ("D4", 1, 8, 4, 131072)):
+    for name, B, H, G, T in DECODE_CASES:
         q = torch.randn(B, H, G, D, dtype=dtype, device=dev)
         for shape in ("spread", "skewed"):
             kp, vp, start, length, _ = _random_packed(_lengths(B, H, T // 5, T, shape, gen), D, dtype, dev)
