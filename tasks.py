@@ -195,11 +195,14 @@ def make_cast(rng, n):
 
 
 def make_events(rng, cast, n):
-    """n events (at most one per person) with distinct objects, so that every question about them has
-    exactly one answer and the words before each answer ("bought a chair on") occur only once."""
+    """n events (at most one per person) with distinct verbs and distinct objects, so that every
+    question about them has exactly one answer and the words before each answer ("Tom bought a",
+    "bought a chair on") occur only once. With a verb shared by two events, stage 5c answered
+    "Liam painted a" with the object of "Henry painted a map" (all 8 of its 25 "what" misses)."""
     names = rng.sample([c.name for c in cast], min(n, len(cast)))
+    verbs = rng.sample(list(VERBS), len(names))
     objects = rng.sample(OBJECTS, len(names))
-    return [Event(nm, rng.choice(list(VERBS)), ob, rng.choice(CITIES), rng.choice(DAYS)) for nm, ob in zip(names, objects)]
+    return [Event(nm, vb, ob, rng.choice(CITIES), rng.choice(DAYS)) for nm, vb, ob in zip(names, verbs, objects)]
 
 
 def fact_sentences(c):
@@ -216,12 +219,15 @@ def mention_sentence(rng, c, cast):
 
 def event_sentences(e):
     """An event told in two sentences, each ending on a word that a question asks for, right after
-    the event's own object ("Tom bought a chair on" -> Monday, "... a chair in" -> Oslo): the form
+    the event's own object ("Tom bought a chair on" -> Monday, "... a chair at" -> Oslo): the form
     of the cast facts, which the model answers right. Told as "On Monday, Tom bought a chair in the
     bakery." (the first design), the day sat before the name and the place after "in the", and the
-    model found them in only 10/29 and 3/32 questions (README, "Which questions fail")."""
+    model found them in only 10/29 and 3/32 questions (README, "Which questions fail"). The place
+    follows "at", a word used nowhere else in the prose: after "in" (also "lives in", "met Bob in",
+    "In Paris,") stage 5c copied another sentence's city in 10 of 18 "where" questions, while
+    "on", which only events use, led to the right day in 21 of 21."""
     past = VERBS[e.verb]
-    return [f"{e.name} {past} a {e.obj} on {e.day}.", f"{e.name} {past} a {e.obj} in {e.place}."]
+    return [f"{e.name} {past} a {e.obj} on {e.day}.", f"{e.name} {past} a {e.obj} at {e.place}."]
 
 
 def grammar_sentence(rng):
@@ -387,9 +393,9 @@ def make_qa(rng, n_words, n_questions):
         past = VERBS[e.verb]
         questions += [
             (f"\nQuestion: What did {e.name} {e.verb} on {e.day}?\nAnswer: {e.name} {past} a", f" {e.obj}"),
-            (f"\nQuestion: Who {past} a {e.obj} in {e.place}?\nAnswer:", f" {e.name}"),
+            (f"\nQuestion: Who {past} a {e.obj} at {e.place}?\nAnswer:", f" {e.name}"),
             (f"\nQuestion: When did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} on", f" {e.day}"),
-            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} in", f" {e.place}"),
+            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} at", f" {e.place}"),
         ]
     for c in cast:
         questions += [
@@ -468,7 +474,7 @@ def solve(family, context, question):
         return " " + " ".join(sorted(top) if family == "cwe" else top)
     if family == "qa":
         prefix = question.split("Answer:")[1].strip()
-        if prefix == "":  # who did it: the name that starts the event's "... in <city>" sentence
+        if prefix == "":  # who did it: the name that starts the event's "... at <city>" sentence
             event = regex.findall(r"Who (.+)\?", question)[0]
             return " " + [s for s in sentences if s.rstrip(".").endswith(event)][0].split()[0]
         # every other answer is the word after the prefix in the one sentence that starts with it
