@@ -62,7 +62,7 @@ GRAMMAR = {
                 "blows falls drifts passes fades".split(),
                 "strong light heavy dark soft".split()),
 }
-PREPS = "near over past beside under behind".split()
+PREPS = "over past beside under behind".split()  # not "near": events use it before their city
 SCENERY = "hill field road wall house meadow valley gate".split()
 
 KEYS = ("apple banana cherry grape lemon mango melon olive peach pear plum berry walnut "
@@ -219,15 +219,16 @@ def mention_sentence(rng, c, cast):
 
 def event_sentences(e):
     """An event told in two sentences, each ending on a word that a question asks for, right after
-    the event's own object ("Tom bought a chair on" -> Monday, "... a chair at" -> Oslo): the form
+    the event's own object ("Tom bought a chair on" -> Monday, "... a chair near" -> Oslo): the form
     of the cast facts, which the model answers right. Told as "On Monday, Tom bought a chair in the
     bakery." (the first design), the day sat before the name and the place after "in the", and the
     model found them in only 10/29 and 3/32 questions (README, "Which questions fail"). The place
-    follows "at", a word used nowhere else in the prose: after "in" (also "lives in", "met Bob in",
-    "In Paris,") stage 5c copied another sentence's city in 10 of 18 "where" questions, while
-    "on", which only events use, led to the right day in 21 of 21."""
+    follows "near", one token used nowhere else in the prose: after "in" (also "lives in", "met Bob
+    in", "In Paris,") stage 5c copied another sentence's city in 10 of 18 "where" questions, while
+    "on", which only events use, led to the right day in 21 of 21. After "at", two tokens (" ", "at")
+    that put the object two tokens back, a fine-tune found the city in 11 of 47 (stage 6a)."""
     past = VERBS[e.verb]
-    return [f"{e.name} {past} a {e.obj} on {e.day}.", f"{e.name} {past} a {e.obj} at {e.place}."]
+    return [f"{e.name} {past} a {e.obj} on {e.day}.", f"{e.name} {past} a {e.obj} near {e.place}."]
 
 
 def grammar_sentence(rng):
@@ -393,9 +394,9 @@ def make_qa(rng, n_words, n_questions):
         past = VERBS[e.verb]
         questions += [
             (f"\nQuestion: What did {e.name} {e.verb} on {e.day}?\nAnswer: {e.name} {past} a", f" {e.obj}"),
-            (f"\nQuestion: Who {past} a {e.obj} at {e.place}?\nAnswer:", f" {e.name}"),
+            (f"\nQuestion: Who {past} a {e.obj} near {e.place}?\nAnswer:", f" {e.name}"),
             (f"\nQuestion: When did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} on", f" {e.day}"),
-            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} at", f" {e.place}"),
+            (f"\nQuestion: Where did {e.name} {e.verb} the {e.obj}?\nAnswer: {e.name} {past} a {e.obj} near", f" {e.place}"),
         ]
     for c in cast:
         questions += [
@@ -474,7 +475,7 @@ def solve(family, context, question):
         return " " + " ".join(sorted(top) if family == "cwe" else top)
     if family == "qa":
         prefix = question.split("Answer:")[1].strip()
-        if prefix == "":  # who did it: the name that starts the event's "... at <city>" sentence
+        if prefix == "":  # who did it: the name that starts the event's "... near <city>" sentence
             event = regex.findall(r"Who (.+)\?", question)[0]
             return " " + [s for s in sentences if s.rstrip(".").endswith(event)][0].split()[0]
         # every other answer is the word after the prefix in the one sentence that starts with it

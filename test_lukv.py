@@ -301,24 +301,24 @@ def test_every_qa_answer_is_the_only_word_after_its_prompt():
         sentences = ex.context.rstrip(".").split(". ")
         for q, ans in ex.qa:
             prefix = q.split("Answer:")[1].strip()
-            if prefix:  # "Tom bought a chair at" -> the next word of every sentence that starts so
+            if prefix:  # "Tom bought a chair near" -> the next word of every sentence that starts so
                 found = {s[len(prefix):].split()[0] for s in sentences if s.startswith(prefix + " ")}
-            else:  # "Who bought a chair at Oslo?" -> the first word of every sentence that ends so
+            else:  # "Who bought a chair near Oslo?" -> the first word of every sentence that ends so
                 event = q.split("Who ")[1].split("?")[0]
                 found = {s.split()[0] for s in sentences if s.endswith(" " + event)}
             assert found == {ans.strip()}, (q, found, ans)
 
 
 def test_events_of_a_context_differ_in_verb_and_object():
-    """No two events of a qa context share a verb or an object, and " at" comes only before event cities."""
+    """No two events of a qa context share a verb or an object, and " near" comes only before event cities."""
     rng = random.Random("distinct")
     for _ in range(50):
         cast = tasks.make_cast(rng, rng.randint(4, 7))
         events = tasks.make_events(rng, cast, len(cast))
         assert len({e.verb for e in events}) == len({e.obj for e in events}) == len(events) == len(cast)
         sentences, _ = tasks.prose_sentences(rng, 600, cast, events)
-        at_sentences = [s for s in sentences if " at " in s]
-        assert sorted(at_sentences) == sorted(tasks.event_sentences(e)[1] for e in events)
+        near_sentences = [s for s in sentences if " near " in s]
+        assert sorted(near_sentences) == sorted(tasks.event_sentences(e)[1] for e in events)
 
 
 def test_every_qa_question_has_a_kind():
