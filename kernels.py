@@ -67,6 +67,9 @@ class Tuning:
     decode_block_n: int = 64  # keys per inner tile of the decode kernel (one size for every chunk: one compile)
     decode_warps: int = 4  # warps per decode program
     decode_stages: int = 3  # software pipelining depth of the K/V loads (3 x 2 x 16 KB of shared memory)
+    decode_sum_g1: bool = False  # with G = 1, q.k and p.v as multiply-sums over the one query row instead of
+    #                              tl.dot, which pads it to 16 rows: slower on an H100 (D1 66.2 vs 55.2 us;
+    #                              results/kernels_bench_h100_sum_g1.txt), so a variant row
     decode_block_n_gqa: int = 64  # the same three when G > 1 query heads share a KV head: 64 / 4 / 3 beat
     decode_warps_gqa: int = 4  # 128 / 8 / 2 on D2, D3 and D4 in CUDA-graph timings on an H100, 2026-11-27
     decode_stages_gqa: int = 3  # (D2 93.8 vs 101.6 us; results/kernels_bench_h100_graphs.txt)
@@ -637,11 +640,12 @@ def _decode_split_kernel(
     G,  # query heads per KV head
     D: tl.constexpr,  # head dim
     BLOCK_HEADS: tl.constexpr,  # next power of two >= B*H
-    BLOCK_G: tl.constexpr,  # G padded to >= 16 rows for tl.dot
+    BLOCK_G: tl.constexpr,  # G padded to >= 16 rows for tl.dot; 1 when not USE_DOT
     BLOCK_N: tl.constexpr,  # keys per inner tile
     BLOCK_D: tl.constexpr,  # next power of two >= D, >= 16
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 inputs)
     DOT_F32: tl.constexpr,  # upcast dot operands (the Triton 3.9 interpreter's bf16 tl.dot is wrong)
+    USE_DOT: tl.constexpr,  # tl.dot over BLOCK_G query rows; False: G = 1, multiply-sums over one row
     out_ptr,  # (B*H, G, D) out when FUSED: the merged attention output, in the query dtype
     ticket_ptr,  # (>= B*H,) int32 when FUSED: parts of each head done so far; zero between calls
     FUSED: tl.constexpr,  # merge each head in the last part to finish it (no combine launch)
@@ -685,7 +689,11 @@ def _decode_split_kernel(
             k = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)  # (BLOCK_N, BLOCK_D)
             if DOT_F32:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+            if USE_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
+            else:  # BLOCK_G = 1: the one query row times each key, summed over D
+                q_row = tl.sum(q.to(tl.float32), 0)  # (BLOCK_D,)
+                s = tl.sum(k.to(tl.float32) * q_row[None, :], 1)[None, :] * qk_scale  # (1, BLOCK_N)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
@@ -694,7 +702,11 @@ def _decode_split_kernel(
             v = tl.load(v_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_nd, other=0.0)
             if DOT_F32:
                 v = v.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if USE_DOT:
+                pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # (BLOCK_G, BLOCK_D)
+            else:  # the weights in fp32, as tl.dot's accumulator; the values' sum over the tile's rows
+                pv = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]  # (1, BLOCK_D)
+            acc = acc * alpha[:, None] + pv
             m = m_new
         slot = part + head
         # an empty head inside the part writes nothing (its slot may be another segment's)
@@ -783,13 +795,15 @@ def decode_v3(q, k_packed, v_packed, start, length, scale=None, chunk=None):
     block_n, warps, stages = (TUNING.decode_block_n_gqa, TUNING.decode_warps_gqa, TUNING.decode_stages_gqa) if G > 1 \
         else (TUNING.decode_block_n, TUNING.decode_warps, TUNING.decode_stages)
     upcast = INTERPRET and q.dtype == torch.bfloat16
+    use_dot = G > 1 or not TUNING.decode_sum_g1
     fused = TUNING.decode_fused_combine
     tickets = _tickets(q.device, n_heads) if fused else o_part  # (unused when not fused)
     _decode_split_kernel[(n_parts,)](
         q, k_packed, v_packed, start, length, o_part, lse_part, n_heads, n_rows, n_parts, chunk, max(1, min_chunk),
-        scale * math.log2(math.e), G, D=D, BLOCK_HEADS=block_heads, BLOCK_G=max(16, triton.next_power_of_2(G)),
+        scale * math.log2(math.e), G, D=D, BLOCK_HEADS=block_heads,
+        BLOCK_G=max(16, triton.next_power_of_2(G)) if use_dot else 1,
         BLOCK_N=block_n, BLOCK_D=block_d, PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        DOT_F32=upcast, out_ptr=out, ticket_ptr=tickets, FUSED=fused, BLOCK_C=TUNING.combine_block,
+        DOT_F32=upcast, USE_DOT=use_dot, out_ptr=out, ticket_ptr=tickets, FUSED=fused, BLOCK_C=TUNING.combine_block,
         num_warps=warps, num_stages=stages)
     if not fused:
         _decode_combine_kernel[(n_heads, G)](
@@ -952,8 +966,10 @@ EVICT_VARIANTS = [("one-hot dot", dict(histogram_dot=True)),  # the radix rounds
 # (label, overrides, the head groups it changes: "any", "G=1" or "G>1")
 DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3), "any"),
                    ("fused", dict(decode_fused_combine=True), "any"),  # the last part of each head merges it
+                   ("multiply-sum", dict(decode_sum_g1=True), "G=1"),  # no tl.dot, no 16-row padding
                    ("n64w4s4", dict(decode_block_n=64, decode_warps=4, decode_stages=4), "G=1"),
                    ("n32w4s4", dict(decode_block_n=32, decode_warps=4, decode_stages=4), "G=1"),
+
                    ("n128w8s2", dict(decode_block_n_gqa=128, decode_warps_gqa=8, decode_stages_gqa=2), "G>1")]
 
 

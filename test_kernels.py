@@ -266,6 +266,19 @@ def test_decode_matches_fp64_reference(impl, dtype, D, G, lengths):
     assert torch.equal(got.cpu()[empty], torch.zeros_like(got.cpu()[empty])), "an empty head attends to nothing"
 
 
+@pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_g1_multiply_sum_and_padded_dot_agree(monkeypatch, dtype):
+    """At G = 1 the multiply-sum path and the 16-row padded tl.dot path are both within tolerance of fp64."""
+    k, v, start, length, _ = packed_cache(torch.tensor([[90, 3, 0, 45], [1, 64, 17, 2]]), 64, dtype)
+    q = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEV)
+    want = decode_v1(q.double(), k.double(), v.double(), start, length)
+    for sum_g1 in (True, False):
+        monkeypatch.setattr(kernels.TUNING, "decode_sum_g1", sum_g1)
+        got = kernels.decode_v3(q, k, v, start, length, chunk=16)
+        assert (got.double() - want).abs().max().item() <= TOL[dtype], f"decode_sum_g1={sum_g1}: {diff(got, want)}"
+
+
 @pytest.mark.parametrize("evict_impl", impls(EVICT))
 @pytest.mark.parametrize("decode_impl", impls(DECODE))
 def test_nothing_kept_and_no_slack_gives_an_empty_cache(evict_impl, decode_impl):
