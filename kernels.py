@@ -67,12 +67,12 @@ class Tuning:
     decode_block_n: int = 64  # keys per inner tile of the decode kernel (one size for every chunk: one compile)
     decode_warps: int = 4  # warps per decode program
     decode_stages: int = 3  # software pipelining depth of the K/V loads (3 x 2 x 16 KB of shared memory)
-    decode_sum_g1: bool = False  # with G = 1, q.k and p.v as multiply-sums over the one query row instead of
-    #                              tl.dot, which pads it to 16 rows: slower on an H100 (D1 66.2 vs 55.2 us;
-    #                              results/kernels_bench_h100_sum_g1.txt), so a variant row
     decode_block_n_gqa: int = 64  # the same three when G > 1 query heads share a KV head: 64 / 4 / 3 beat
     decode_warps_gqa: int = 4  # 128 / 8 / 2 on D2, D3 and D4 in CUDA-graph timings on an H100, 2026-11-27
     decode_stages_gqa: int = 3  # (D2 93.8 vs 101.6 us; results/kernels_bench_h100_graphs.txt)
+    decode_sum_g1: bool = False  # with G = 1, q.k and p.v as multiply-sums over the one query row instead of
+    #                              tl.dot, which pads it to 16 rows: slower on an H100 (D1 66.2 vs 55.2 us;
+    #                              results/kernels_bench_h100_sum_g1.txt), so a variant row
     decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
     decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
     combine_block: int = 64  # partial results per tile of the combine kernel
@@ -651,6 +651,7 @@ def _decode_split_kernel(
     FUSED: tl.constexpr,  # merge each head in the last part to finish it (no combine launch)
     BLOCK_C: tl.constexpr,  # partial results per merge tile (FUSED)
 ):
+    tl.static_assert(USE_DOT or BLOCK_G == 1, "the multiply-sum path takes one query row")
     part = tl.program_id(0).to(tl.int64)
     offs_h, lengths, ends, total, width = _token_stream(length_ptr, n_heads, n_parts, chunk, min_chunk,
                                                         BLOCK_HEADS, BLOCK_N)
@@ -704,7 +705,7 @@ def _decode_split_kernel(
                 v = v.to(tl.float32)
             if USE_DOT:
                 pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # (BLOCK_G, BLOCK_D)
-            else:  # the weights in fp32, as tl.dot's accumulator; the values' sum over the tile's rows
+            else:  # sum(p, 0) only drops the one row; p stays fp32 (the dot path rounds it to v's dtype)
                 pv = tl.sum(tl.sum(p, 0)[:, None] * v.to(tl.float32), 0)[None, :]  # (1, BLOCK_D)
             acc = acc * alpha[:, None] + pv
             m = m_new
@@ -969,7 +970,6 @@ DECODE_VARIANTS = [("3/SM", dict(decode_programs_per_sm=3), "any"),
                    ("multiply-sum", dict(decode_sum_g1=True), "G=1"),  # no tl.dot, no 16-row padding
                    ("n64w4s4", dict(decode_block_n=64, decode_warps=4, decode_stages=4), "G=1"),
                    ("n32w4s4", dict(decode_block_n=32, decode_warps=4, decode_stages=4), "G=1"),
-
                    ("n128w8s2", dict(decode_block_n_gqa=128, decode_warps_gqa=8, decode_stages_gqa=2), "G>1")]
 
 

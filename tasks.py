@@ -197,8 +197,11 @@ def make_cast(rng, n):
 def make_events(rng, cast, n):
     """n events (at most one per person) with distinct verbs and distinct objects, so that every
     question about them has exactly one answer and the words before each answer ("Tom bought a",
-    "bought a chair on") occur only once. With a verb shared by two events, stage 5c answered
-    "Liam painted a" with the object of "Henry painted a map" (all 8 of its 25 "what" misses)."""
+    "bought a chair on") are followed by one word only. With a verb shared by two events, stage 5c
+    answered "Liam painted a" with the object of "Henry painted a map" (all 8 of its 25 "what" misses)."""
+    if min(n, len(cast)) > min(len(VERBS), len(OBJECTS)):
+        raise ValueError(f"at most {min(len(VERBS), len(OBJECTS))} events per context (one verb and one object "
+                         f"each), got {min(n, len(cast))}; ask for fewer events or a smaller cast")
     names = rng.sample([c.name for c in cast], min(n, len(cast)))
     verbs = rng.sample(list(VERBS), len(names))
     objects = rng.sample(OBJECTS, len(names))

@@ -315,10 +315,17 @@ def test_events_of_a_context_differ_in_verb_and_object():
     for _ in range(50):
         cast = tasks.make_cast(rng, rng.randint(4, 7))
         events = tasks.make_events(rng, cast, len(cast))
-        assert len({e.verb for e in events}) == len({e.obj for e in events}) == len(events) == len(cast)
+        assert len({e.verb for e in events}) == len({e.obj for e in events}) == len(events) == len(cast), events
         sentences, _ = tasks.prose_sentences(rng, 600, cast, events)
         near_sentences = [s for s in sentences if " near " in s]
         assert sorted(near_sentences) == sorted(tasks.event_sentences(e)[1] for e in events)
+
+
+def test_more_events_than_verbs_raise():
+    """Asking for more events than there are verbs raises a ValueError that names the limit."""
+    cast = tasks.make_cast(random.Random(0), len(tasks.VERBS) + 2)
+    with pytest.raises(ValueError, match=f"at most {len(tasks.VERBS)} events"):
+        tasks.make_events(random.Random(0), cast, len(cast))
 
 
 def test_every_qa_question_has_a_kind():
