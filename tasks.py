@@ -199,12 +199,13 @@ def make_events(rng, cast, n):
     question about them has exactly one answer and the words before each answer ("Tom bought a",
     "bought a chair on") are followed by one word only. With a verb shared by two events, stage 5c
     answered "Liam painted a" with the object of "Henry painted a map" (all 8 of its 25 "what" misses)."""
-    if min(n, len(cast)) > min(len(VERBS), len(OBJECTS)):
+    n = min(n, len(cast))
+    if n > min(len(VERBS), len(OBJECTS)):
         raise ValueError(f"at most {min(len(VERBS), len(OBJECTS))} events per context (one verb and one object "
-                         f"each), got {min(n, len(cast))}; ask for fewer events or a smaller cast")
-    names = rng.sample([c.name for c in cast], min(n, len(cast)))
-    verbs = rng.sample(list(VERBS), len(names))
-    objects = rng.sample(OBJECTS, len(names))
+                         f"each), got {n}; ask for fewer events or a smaller cast")
+    names = rng.sample([c.name for c in cast], n)
+    verbs = rng.sample(list(VERBS), n)
+    objects = rng.sample(OBJECTS, n)
     return [Event(nm, vb, ob, rng.choice(CITIES), rng.choice(DAYS)) for nm, vb, ob in zip(names, verbs, objects)]
 
 
@@ -454,9 +455,22 @@ def example_set(family, n, n_tokens, seed):
     return [make_example(family, rng, n_tokens) for _ in range(n)]
 
 
+def qa_answers(context, question):
+    """Every word that the qa reading rule finds for a question, in context order (one, in a well-made context).
+
+    The answer prompt's words start the sentence that holds the answer ("Tom bought a chair near" ->
+    the next word); the "who" prompt is empty, and the answer starts the sentence that ends with the event.
+    """
+    sentences = context.replace("? ", ". ").rstrip(".").split(". ")
+    prefix = question.split("Answer:")[1].strip()
+    if prefix == "":  # who did it: the name that starts the event's "... near <city>" sentence
+        event = regex.findall(r"Who (.+)\?", question)[0]
+        return [s.split()[0] for s in sentences if s.endswith(" " + event)]
+    return [s[len(prefix):].split()[0] for s in sentences if s.startswith(prefix + " ")]
+
+
 def solve(family, context, question):
     """A rule-based reader that answers from the context alone: proof that every answer is there."""
-    sentences = context.replace("? ", ". ").split(". ")
     if family.startswith("niah"):
         keys = regex.findall(r"for ((?:\w+ ?)+)\?", question)[0].split()
         values = {k: [int(v) for v in regex.findall(rf"magic number for {k} is (\d+)", context)] for k in keys}
@@ -477,12 +491,7 @@ def solve(family, context, question):
         top = [w for w, _ in Counter(words).most_common(n)]
         return " " + " ".join(sorted(top) if family == "cwe" else top)
     if family == "qa":
-        prefix = question.split("Answer:")[1].strip()
-        if prefix == "":  # who did it: the name that starts the event's "... near <city>" sentence
-            event = regex.findall(r"Who (.+)\?", question)[0]
-            return " " + [s for s in sentences if s.rstrip(".").endswith(event)][0].split()[0]
-        # every other answer is the word after the prefix in the one sentence that starts with it
-        return " " + [s for s in sentences if s.startswith(prefix + " ")][0][len(prefix):].split()[0].rstrip(".")
+        return " " + qa_answers(context, question)[0]
     raise ValueError(f"unknown task family {family!r}; expected one of {FAMILIES}")
 
 
