@@ -71,8 +71,8 @@ class Tuning:
     decode_warps_gqa: int = 4  # 128 / 8 / 2 on D2, D3 and D4 in CUDA-graph timings on an H100, 2026-11-27
     decode_stages_gqa: int = 3  # (D2 93.8 vs 101.6 us; results/kernels_bench_h100_graphs.txt)
     decode_sum_g1: bool = False  # with G = 1, q.k and p.v as multiply-sums over the one query row instead of
-    #                              tl.dot, which pads it to 16 rows: slower on an H100 (D1 66.2 vs 55.2 us;
-    #                              results/kernels_bench_h100_sum_g1.txt), so a variant row
+    #                              tl.dot, which pads it to 16 rows: slower on an H100 (D1 66.1 vs 54.8 us;
+    #                              results/kernels_bench_h100_sum_g1_hoisted.txt), so a variant row
     decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
     decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
     combine_block: int = 64  # partial results per tile of the combine kernel
@@ -680,6 +680,8 @@ def _decode_split_kernel(
         q = tl.load(q_ptr + (head * G + offs_g)[:, None] * D + offs_d[None, :], mask=mask_gd, other=0.0)
         if DOT_F32:
             q = q.to(tl.float32)
+        if not USE_DOT:  # BLOCK_G = 1: the one query row, once per head
+            q_row = tl.sum(q.to(tl.float32), 0)  # (BLOCK_D,)
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -692,8 +694,7 @@ def _decode_split_kernel(
                 k = k.to(tl.float32)
             if USE_DOT:
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N)
-            else:  # BLOCK_G = 1: the one query row times each key, summed over D
-                q_row = tl.sum(q.to(tl.float32), 0)  # (BLOCK_D,)
+            else:  # the query row times each key, summed over D
                 s = tl.sum(k.to(tl.float32) * q_row[None, :], 1)[None, :] * qk_scale  # (1, BLOCK_N)
             s = tl.where(mask_n[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
