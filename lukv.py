@@ -5,25 +5,29 @@ Tang et al., "Predicting Future Utility: Global Combinatorial Optimization for T
 KV Cache Eviction" (arXiv 2602.08585, ICML 2026). A heuristic scorer ranks tokens inside a head;
 LU-KV picks per-head budgets so that the long-horizon utility lost is smallest over the model:
 
-  1. oracle importance  I[l, h, j] = max over future steps k, query heads q of KV head h of
-                        || A[k, j] * v_j @ W_O[q] ||                       -> oracle_importance
-  2. loss curves        evict in the scorer's order, cumulative I lost     -> loss_curve
-  3. convex hull        the lower convex hull (= PAVA on the increments)   -> lower_convex_hull
-  4. greedy solver      one global min-heap over hull slopes, one sweep    -> greedy_budget_table
+  1. scorers            rank the tokens inside each head (SnapKV, KeyDiff) -> SCORERS
+  2. oracle importance  I[l, h, j] = max over future steps k, query heads q of KV head h of
+                        || A[k, j] * v_j @ W_O[q] ||                       -> run_full
+  3. loss curves        evict in the scorer's order, cumulative I lost     -> loss_curve
+  4. convex hull        the lower convex hull (= PAVA on the increments)   -> lower_convex_hull
+  5. greedy solver      one global min-heap over hull slopes, one sweep    -> greedy_budget_table
                         gives nested budgets for every ratio 1..99%:
                         a table [99, n_layer, n_kv_head] (kvpress LUKVPress layout)
-  5. offline profiling  average the table over calibration contexts        -> build_profile
-     online             look up the ratio, largest-remainder rounding,    -> allocate, compress
+  6. offline profiling  average the table over calibration contexts        -> build_profile
+  7. online             look up the ratio, largest-remainder rounding,    -> allocate, compress
                         keep each head's top tokens by the scorer
 
-    python lukv.py --demo              # heatmap + a small evaluation, under 3 minutes on a CPU
-    python lukv.py --profile           # rebuild the shipped profiles (checkpoints/profile_*.npz)
-    python lukv.py --eval              # the full table (every family x ratio x allocator x scorer)
+    python lukv.py --demo              # heatmap + a small evaluation at 80%, about a minute on a CPU
+    python lukv.py --profile           # rebuild the shipped profiles (checkpoints/profile_*.npy)
+
+The experiments (the full evaluation grid, knockout, the task-loss utility) live in
+evaluate.py; real models (Hugging Face folders, GGUF files) in real.py.
 
 Shapes: L layers, H KV heads, G query heads per KV head, T context tokens, D head dim, C width.
 """
 
 import argparse
+import hashlib
 import heapq
 import json
 import math
@@ -31,7 +35,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -69,7 +73,7 @@ def progress(done, total, text):
 
 
 # -----------------------------------------------------------------------------
-# intra-head scorers: (L, H, T), higher = more worth keeping. LU-KV does not change these.
+# 1. intra-head scorers: (L, H, T), higher = more worth keeping. LU-KV does not change these.
 
 
 def snapkv_scores(probe, cfg):
@@ -112,7 +116,7 @@ def protect(scores, cfg):
 
 
 # -----------------------------------------------------------------------------
-# oracle importance (offline): what each cached token contributes to the next steps' outputs
+# 2. oracle importance (offline): what each cached token contributes to the next steps' outputs
 
 
 @torch.no_grad()
@@ -159,6 +163,9 @@ def run_full(model, ctx_ids, q_ids, cfg, max_answer, stop_token):
     return cache, probe, answer[0].tolist(), oracle_from_steps(future.decode_attn, vnorm, T)
 
 
+SCORERS = ["snapkv", "keydiff", "knorm", "streaming", "oracle"]
+
+
 def scores_for(name, cache, probe, imp, cfg):
     """Every scorer by name; 'oracle' ranks by the oracle importance itself (an upper bound)."""
     L, H, T = imp.shape
@@ -174,7 +181,7 @@ def scores_for(name, cache, probe, imp, cfg):
 
 
 # -----------------------------------------------------------------------------
-# solver: one head's loss curve and its convex relaxation
+# 3-4. one head's loss curve and its convex relaxation
 
 
 def loss_curve(order_scores, utility, n_protected=0):
@@ -248,7 +255,7 @@ def pava_slopes(increments):
 
 
 # -----------------------------------------------------------------------------
-# solver: global greedy over all heads
+# 5. the global greedy over all heads
 
 
 def _check_curves(curves, floors):
@@ -343,7 +350,7 @@ def greedy_budget_table(curves, floors, n_ratios=99, n_protected_total=0):
 
 
 # -----------------------------------------------------------------------------
-# solver: exact reference and losses
+# the exact reference and the losses
 
 
 def dp_exact(curves, floors, total_evict):
@@ -385,7 +392,7 @@ def relaxed_loss(curves, evictions, floors=None):
 
 
 # -----------------------------------------------------------------------------
-# solver: integer budgets from a ratio row
+# integer budgets from a ratio row
 
 
 def largest_remainder(shares, total, minimum=None, maximum=None):
@@ -422,7 +429,7 @@ def largest_remainder(shares, total, minimum=None, maximum=None):
 
 
 # -----------------------------------------------------------------------------
-# one context's budget table, and offline profiling over calibration contexts
+# 6. one context's budget table, and offline profiling over calibration contexts
 
 RATIOS = np.arange(1, 100) / 100  # row r-1 of a table is global compression r% (kvpress LUKVPress)
 
@@ -443,12 +450,6 @@ def context_table(imp, scores, cfg):
     curves, floors, n_protected = head_curves(imp, scores, cfg)
     evicted = greedy_budget_table(curves, floors, len(RATIOS), n_protected_total=L * H * n_protected)  # (99, L*H)
     return evicted.reshape(len(RATIOS), L, H) / T
-
-
-def checkpoint_id(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -482,92 +483,69 @@ def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length
     return {s: np.mean(t, axis=0) for s, t in tables.items()}
 
 
+# a profile is a table [99, L, H] of prune ratios (float32 .npy, what kvpress's LUKVPress loads)
+# and a .json sidecar saying who it belongs to and how it was made; the same for every model
+
+PROFILE_CHECKS = ["model", "scorer", "sink", "window"]  # what load_profile compares by name
+
+
+def file_id(path):
+    """A short id of a checkpoint file: the sha256 of its bytes (profiles name the model they belong to)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def profile_meta(scorer, model_id, cfg, **extra):
+    """What a profile's sidecar records: who it belongs to and how it was made (refused if they differ)."""
+    return {"scorer": scorer, "model": model_id, "sink": cfg.sink, "window": cfg.window, "min_share": cfg.min_share,
+            "snap_window": cfg.snap_window, "snap_kernel": cfg.snap_kernel,
+            "layout": "[99, n_layer, n_kv_head] prune ratios; row round(100 * ratio) - 1 (kvpress LUKVPress)",
+            **extra}
+
+
+def sidecar(path):
+    return path[: -len(".npy")] + ".json"
+
+
 def save_profile(path, table, meta):
-    np.savez(path, table=table.astype(np.float32), meta=json.dumps(meta))
+    """Write the table as float32 .npy and its metadata beside it; each file atomically."""
+    if not path.endswith(".npy"):
+        raise ValueError(f"a profile is a .npy file (what kvpress's LUKVPress reads), got {path!r}")
+    table = np.asarray(table, dtype=np.float32)
+    if table.ndim != 3 or table.shape[0] != len(RATIOS):
+        raise ValueError(f"expected a table of shape (99, n_layer, n_kv_head), got {table.shape}")
+    for target, write in ((path, lambda f: np.save(f, table)),
+                          (sidecar(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))):
+        with open(target + ".tmp", "wb") as f:  # a file object: np.save would append .npy to a name
+            write(f)
+        os.replace(target + ".tmp", target)  # an interrupted write never leaves half a file behind
 
 
-def load_profile(path, scorer, model_id, n_layer, n_kv_head, snap_window=None):
-    """Load a profile; refuse one made for another scorer, model, shape or SnapKV window, by name."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no profile at {path}; make it with: python lukv.py --profile --scorer {scorer}")
-    with np.load(path) as f:
-        table, meta = f["table"], json.loads(str(f["meta"]))
-    if meta["scorer"] != scorer:
-        raise ValueError(f"profile {path} was made for scorer {meta['scorer']!r}, not {scorer!r}")
-    if meta["model"] != model_id:
-        raise ValueError(f"profile {path} was made for model {meta['model']}, not {model_id}; rebuild it "
-                         f"with python lukv.py --profile --scorer {scorer}")
-    if table.shape != (len(RATIOS), n_layer, n_kv_head):
-        raise ValueError(f"profile {path} has shape {table.shape}, expected (99, {n_layer}, {n_kv_head})")
-    made_with = meta.get("snap_window", LUKVConfig.snap_window)  # profiles older than the option used the default
-    if scorer == "snapkv" and snap_window is not None and made_with != snap_window:
-        raise ValueError(f"profile {path} was made with SnapKV window {made_with}, not {snap_window}; pass "
-                         f"--snap-window {made_with} or rebuild it with --profile --snap-window {snap_window}")
+def load_profile(path, scorer, model_id, shape, cfg):
+    """(table, meta) of a profile; refuse one made for another model, scorer, shape, sink, window or
+    SnapKV window, by name. shape is (n_layer, n_kv_head)."""
+    if not os.path.exists(path) or not os.path.exists(sidecar(path)):
+        raise FileNotFoundError(f"expected the profile {path} and its sidecar {sidecar(path)}; make them with "
+                                f"--profile --scorer {scorer}")
+    table = np.load(path)
+    with open(sidecar(path)) as f:
+        meta = json.load(f)
+    want = {"model": model_id, "scorer": scorer, "sink": cfg.sink, "window": cfg.window}
+    for key in PROFILE_CHECKS:
+        if meta.get(key) != want[key]:
+            raise ValueError(f"profile {path} was made for {key} {meta.get(key)!r}, not {want[key]!r}; pass the "
+                             f"matching option or rebuild it with --profile --scorer {scorer}")
+    if table.shape != (len(RATIOS), *shape):
+        raise ValueError(f"profile {path} has shape {table.shape}, expected (99, {shape[0]}, {shape[1]})")
+    if scorer == "snapkv" and meta.get("snap_window") != cfg.snap_window:
+        raise ValueError(f"profile {path} was made with SnapKV window {meta.get('snap_window')}, not "
+                         f"{cfg.snap_window}; pass --snap-window {meta.get('snap_window')} or rebuild it "
+                         f"with --profile --snap-window {cfg.snap_window}")
     return table, meta
 
 
 # -----------------------------------------------------------------------------
-# beyond the paper (ours): a task-loss utility, solved with the same hull and greedy
-#
-# Instead of the oracle's attention-times-value proxy, measure what the task loses: the
-# calibration answer's loss when only head h is cut to budget b (all other heads full), on a
-# grid of budgets, linearly interpolated to every eviction count. The averaged curves go
-# through the same convex hull and greedy sweep as the paper's.
-
-TASKLOSS_GRID = (0.0, 0.5, 0.8, 0.9, 0.95, 1.0)  # fractions of a head's evictable tokens cut
-
-
-@torch.no_grad()
-def answer_nll(model, cache, follow_ids, answer_ids):
-    """Mean negative log-likelihood of answer_ids after feeding follow_ids through the cache."""
-    logits = model(torch.tensor([follow_ids + answer_ids[:-1]]), cache=cache)[0, len(follow_ids) - 1:]  # (A, V)
-    return float(torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answer_ids)))
-
-
-@torch.no_grad()
-def build_taskloss_profile(model, enc, scorer, cfg, n_contexts=8, n_questions=4, length=1024, seed=0, log=progress):
-    """(99, L, H) prune ratios from task-loss curves averaged over calibration (context, question) pairs."""
-    rng = random.Random(f"calibration-{seed}")
-    stop = enc.encode_ordinary("\n")[0]
-    L, H = model.cfg.n_layer, model.cfg.n_kv_head
-    sums, t0, pairs = None, time.time(), 0
-    for i in range(n_contexts):
-        ex = tasks.make_example("qa", rng, length, n_questions)
-        ctx = enc.encode_ordinary(ex.context)
-        T = len(ctx)
-        lo, hi = cfg.sink, max(cfg.sink, T - cfg.window)
-        n_evictable = hi - lo
-        if sums is None:
-            sums, T0 = np.zeros((L * H, n_evictable + 1)), T
-        for q, _ in ex.qa:
-            q_ids = enc.encode_ordinary(q)
-            cache, probe, answer, imp = run_full(model, ctx, q_ids, cfg, cfg.horizon, stop)
-            scores = scores_for(scorer, cache, probe, imp, cfg)
-            base = answer_nll(model, cache.clone(), q_ids, answer)
-            for hd in range(L * H):
-                l, h = divmod(hd, H)
-                points = []
-                for frac in TASKLOSS_GRID:
-                    counts = np.full((L, H), T)
-                    counts[l, h] = T - round(frac * n_evictable)
-                    c = cache.clone()
-                    compress(c, scores, counts)
-                    points.append(answer_nll(model, c, q_ids, answer) - base)
-                # every context is mapped onto the first one's eviction axis by its fraction cut
-                x = np.array(TASKLOSS_GRID) * (sums.shape[1] - 1)
-                sums[hd] += np.interp(np.arange(sums.shape[1]), x, points)
-            pairs += 1
-        log(i + 1, n_contexts, f"task-loss profile {scorer}: context {i + 1}/{n_contexts} ({pairs} pairs, "
-            f"{time.time() - t0:.0f} s)")
-    # measured losses are noisy: clip at zero and make them non-decreasing before the hull
-    curves = [np.maximum.accumulate(np.maximum(c / pairs, 0.0)) for c in sums]
-    floor = max(0, cfg.floor(T0) - (T0 - (sums.shape[1] - 1)))
-    evicted = greedy_budget_table(curves, np.full(L * H, floor), len(RATIOS), n_protected_total=L * H * (T0 - (sums.shape[1] - 1)))
-    return evicted.reshape(len(RATIOS), L, H) / T0
-
-
-# -----------------------------------------------------------------------------
-# online: ratio -> per-head keep counts, by each allocator
+# 7. online: ratio -> per-head keep counts, by each allocator; then compress
 
 
 def check_ratio(ratio):
@@ -613,32 +591,46 @@ def adakv_counts(scores, ratio, cfg, alpha=0.2):
     return counts
 
 
+def lukv_counts(ratio, scores, cfg, profile):
+    """LU-KV online: the profile's row for this ratio, rescaled to this context's tokens."""
+    if profile is None:
+        raise ValueError("the lukv allocator needs a profile (python lukv.py --profile)")
+    L, H, T = scores.shape
+    row = round(100 * ratio) - 1  # kvpress LUKVPress convention
+    return counts_from_shares((1 - profile[row]) * T, ratio, T, cfg)
+
+
+def oracle_counts(ratio, scores, cfg, imp):
+    """Per input, solved on this input's own oracle curves: the upper bound of any profile."""
+    L, H, T = scores.shape
+    curves, floors, n_protected = head_curves(imp, scores, cfg)
+    total_keep = round((1 - ratio) * L * H * T)
+    evicted = greedy_evictions(curves, floors, L * H * T - max(total_keep, L * H * cfg.floor(T)))
+    return T - evicted.reshape(L, H)
+
+
+# name -> counts (L, H) from (ratio, scores (L, H, T), cfg, profile, oracle importance, seed)
+ALLOCATORS = {
+    "uniform": lambda r, s, cfg, profile, imp, seed: counts_from_shares(np.ones(s.shape[:2]), r, s.shape[2], cfg),
+    "pyramid": lambda r, s, cfg, profile, imp, seed: counts_from_shares(pyramid_shares(*s.shape, r), r, s.shape[2], cfg),
+    "adakv": lambda r, s, cfg, profile, imp, seed: adakv_counts(s, r, cfg),
+    "lukv": lambda r, s, cfg, profile, imp, seed: lukv_counts(r, s, cfg, profile),
+    # control: LU-KV's budgets given to random heads (does the profile know *which* heads?)
+    "shuffled": lambda r, s, cfg, profile, imp, seed: np.random.default_rng(seed).permutation(
+        lukv_counts(r, s, cfg, profile).ravel()).reshape(s.shape[:2]),
+    "oracle": lambda r, s, cfg, profile, imp, seed: oracle_counts(r, s, cfg, imp),
+}
+
+
 def allocate(name, ratio, scores, cfg, profile=None, imp=None, seed=0):
     """Per-head keep counts (L, H) for one context; every allocator keeps the same total."""
     check_ratio(ratio)
+    if name not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {name!r}; expected one of {list(ALLOCATORS)}")
     L, H, T = scores.shape
     if ratio == 0:
         return np.full((L, H), T)
-    if name in ("uniform", "streaming"):
-        return counts_from_shares(np.ones((L, H)), ratio, T, cfg)
-    if name == "pyramid":
-        return counts_from_shares(pyramid_shares(L, H, T, ratio), ratio, T, cfg)
-    if name == "adakv":
-        return adakv_counts(scores, ratio, cfg)
-    if name in ("lukv", "shuffled", "taskloss"):
-        if profile is None:
-            raise ValueError(f"the {name} allocator needs a profile (python lukv.py --profile)")
-        row = round(100 * ratio) - 1  # kvpress LUKVPress convention
-        counts = counts_from_shares((1 - profile[row]) * T, ratio, T, cfg)
-        if name == "shuffled":  # control: the same budgets given to random heads
-            counts = np.random.default_rng(seed).permutation(counts.ravel()).reshape(L, H)
-        return counts
-    if name == "oracle":  # per input, solved on this input's own oracle curves: the upper bound
-        curves, floors, n_protected = head_curves(imp, scores, cfg)
-        total_keep = round((1 - ratio) * L * H * T)
-        evicted = greedy_evictions(curves, floors, L * H * T - max(total_keep, L * H * cfg.floor(T)))
-        return T - evicted.reshape(L, H)
-    raise ValueError(f"unknown allocator {name!r}; expected uniform, pyramid, adakv, lukv, oracle, shuffled, taskloss")
+    return ALLOCATORS[name](ratio, scores, cfg, profile, imp, seed)
 
 
 def compress(cache, scores, counts):
@@ -661,151 +653,30 @@ def compress(cache, scores, counts):
     return keep
 
 
-# -----------------------------------------------------------------------------
-# evaluation: every family x ratio x allocator x scorer, query-agnostic and query-aware
-
-ALLOCATORS = ["uniform", "pyramid", "adakv", "lukv", "taskloss", "shuffled", "oracle"]
-SCORERS = ["snapkv", "keydiff", "knorm", "oracle"]
-SHORT = {"niah_single": "single", "niah_multikey": "mkey", "niah_multivalue": "mval", "niah_multiquery": "mquery",
-         "vt": "vt", "cwe": "cwe", "fwe": "fwe", "qa": "qa"}
-
-
 @torch.no_grad()
 def answer_with(model, enc, cache, follow_ids, max_new, stop):
+    """Greedy answer to follow_ids (the question) through a (compressed) cache, up to its first newline."""
     new, _ = model.generate(torch.tensor([follow_ids]), max_new, cache=cache, stop_token=stop)
     return enc.decode(new[0].tolist()).split("\n")[0]
 
 
-@torch.no_grad()
-def evaluate(model, enc, profiles, families, ratios, methods, n, length, seed, cfg, settings=("agnostic",),
-             log=progress):
-    """Exact match, kept KV bytes and oracle loss of every (setting, ratio, scorer, allocator).
-
-    One prefill per example: the cache is cloned and compressed once per method. Query-agnostic
-    compresses the context before the question (the paper's setting); query-aware compresses
-    the context and the question (all but its last token, which is then decoded).
-    Returns {"rows": [...], "full": {setting: {family: acc}}, "full_qa_by_kind": {kind: [hits, n]}, ...}.
-    """
-    stop = enc.encode_ordinary("\n")[0]
-    tally = {}  # (setting, ratio, scorer, allocator, family) -> [hits, n, bytes, oracle_loss]
-    full = {s: {} for s in settings}
-    by_kind = {}  # qa question kind -> [hits, n] with the full cache (the first setting)
-    full_bytes = {s: {} for s in settings}  # mean K/V bytes of the uncompressed cache
-    t0, done, total = time.time(), 0, len(settings) * len(families) * n
-    for setting in settings:
-        for family in families:
-            hits_full = 0
-            for ex in tasks.example_set(family, n, length, seed):
-                q, a = ex.qa[0]
-                ctx, q_ids = enc.encode_ordinary(ex.context), enc.encode_ordinary(q)
-                prefix, follow = (ctx, q_ids) if setting == "agnostic" else (ctx + q_ids[:-1], q_ids[-1:])
-                max_new = len(enc.encode_ordinary(a)) + 2
-                cache, probe, full_answer, imp = run_full(model, prefix, follow, cfg, max_new, stop)
-                hit_full = tasks.exact_match(family, enc.decode(full_answer).split("\n")[0], a)
-                hits_full += hit_full
-                if family == "qa" and setting == settings[0]:
-                    tally_kind = by_kind.setdefault(tasks.question_kind(q), [0, 0])
-                    tally_kind[0] += hit_full
-                    tally_kind[1] += 1
-                full_bytes[setting][family] = full_bytes[setting].get(family, 0) + cache.nbytes() / n
-                scored = {}
-                for scorer, allocator in methods:
-                    if scorer not in scored:
-                        scored[scorer] = scores_for(scorer, cache, probe, imp, cfg)
-                    for ratio in ratios:
-                        profile = profiles.get(("taskloss_" if allocator == "taskloss" else "") + scorer)
-                        counts = allocate(allocator, ratio, scored[scorer], cfg, profile, imp)
-                        c = cache.clone()
-                        keep = compress(c, scored[scorer], counts)
-                        kept_bytes = c.nbytes()  # right after eviction, before the question is appended
-                        hit = tasks.exact_match(family, answer_with(model, enc, c, follow, max_new, stop), a)
-                        lost = float((imp * ~keep).sum() / imp.sum().clamp(min=1e-30))
-                        t = tally.setdefault((setting, ratio, scorer, allocator, family), [0, 0, 0, 0.0])
-                        t[0] += hit
-                        t[1] += 1
-                        t[2] += kept_bytes
-                        t[3] += lost
-                done += 1
-                log(done, total, f"eval {setting} {family:16s} {done}/{total} examples ({time.time() - t0:.0f} s)")
-            full[setting][family] = hits_full / n
-    rows = []
-    for (setting, ratio, scorer, allocator, family), (h, k, b, lost) in tally.items():
-        rows.append({"setting": setting, "ratio": ratio, "scorer": scorer, "allocator": allocator,
-                     "family": family, "accuracy": h / k, "kv_bytes": b / k, "oracle_loss": lost / k})
-    return {"rows": rows, "full": full, "full_kv_bytes": full_bytes, "full_qa_by_kind": by_kind, "length": length, "n": n,
-            "seed": seed, "config": asdict(cfg)}
-
-
-def averaged_families(full, setting):
-    """Families the model can do with the full cache (>= 50%): the only ones averaged."""
-    return [f for f, acc in full[setting].items() if acc >= 0.5]
-
-
-def format_table(result):
-    """One text table per setting and ratio: exact match per family, average, KV kept, oracle loss."""
-    lines = []
-    for setting in result["full"]:
-        fams = list(result["full"][setting])
-        keep = averaged_families(result["full"], setting)
-        head = f"{'scorer':8s} {'allocator':9s} " + " ".join(f"{SHORT[f]:>6s}" for f in fams) + \
-            f" {'avg':>6s} {'%full':>6s} {'KV MB':>7s} {'oloss':>6s}"
-        lines.append(f"== {setting}, {result['length']} tokens, n={result['n']} per family; avg over "
-                     f"{', '.join(SHORT[f] for f in keep)} (full-cache >= 50%)")
-        full_avg = np.mean([result["full"][setting][f] for f in keep]) if keep else float("nan")
-        lines.append(head)
-        full_mb = np.mean([result["full_kv_bytes"][setting][f] for f in fams]) / 1e6
-        lines.append(f"{'full':8s} {'-':9s} " + " ".join(f"{result['full'][setting][f]:6.2f}" for f in fams) +
-                     f" {full_avg:6.2f} {100.0:6.1f} {full_mb:7.3f} {0.0:6.3f}")
-        rows = [r for r in result["rows"] if r["setting"] == setting]
-        for ratio in sorted({r["ratio"] for r in rows}):  # methods keep the order they were asked in
-            lines.append(f"-- compression {ratio:.0%}")
-            for scorer, allocator in dict.fromkeys((r["scorer"], r["allocator"]) for r in rows if r["ratio"] == ratio):
-                sel = {r["family"]: r for r in rows if r["ratio"] == ratio and r["scorer"] == scorer
-                       and r["allocator"] == allocator}
-                avg = np.mean([sel[f]["accuracy"] for f in keep]) if keep else float("nan")
-                mb = np.mean([sel[f]["kv_bytes"] for f in fams]) / 1e6
-                oloss = np.mean([sel[f]["oracle_loss"] for f in fams])
-                lines.append(f"{scorer:8s} {allocator:9s} " + " ".join(f"{sel[f]['accuracy']:6.2f}" for f in fams) +
-                             f" {avg:6.2f} {100 * avg / full_avg if full_avg else float('nan'):6.1f} {mb:7.3f} {oloss:6.3f}")
-    return "\n".join(lines)
-
-
-@torch.no_grad()
-def knockout(model, enc, families, n, length, seed, cfg, log=progress):
-    """Which heads matter: accuracy (L, H, F) when one head at a time keeps only sink + window."""
-    L, H = model.cfg.n_layer, model.cfg.n_kv_head
-    stop = enc.encode_ordinary("\n")[0]
-    acc, t0 = np.zeros((L, H, len(families))), time.time()
-    for fi, family in enumerate(families):
-        for ex in tasks.example_set(family, n, length, seed):
-            q, a = ex.qa[0]
-            ctx, q_ids = enc.encode_ordinary(ex.context), enc.encode_ordinary(q)
-            max_new = len(enc.encode_ordinary(a)) + 2
-            cache, probe, _, imp = run_full(model, ctx, q_ids, cfg, max_new, stop)
-            scores = protect(streaming_scores(L, H, len(ctx)), cfg)
-            for l in range(L):
-                for h in range(H):
-                    counts = np.full((L, H), len(ctx))
-                    counts[l, h] = min(len(ctx), cfg.sink + cfg.window)
-                    c = cache.clone()
-                    compress(c, scores, counts)
-                    acc[l, h, fi] += tasks.exact_match(family, answer_with(model, enc, c, q_ids, max_new, stop), a) / n
-        log(fi + 1, len(families), f"knockout: {fi + 1}/{len(families)} families ({time.time() - t0:.0f} s)")
-    return acc
-
-
-def format_knockout(acc, families, full):
-    lines = ["accuracy with one KV head cut to sink + window (rows: layer, head); full cache first"]
-    lines.append(f"{'head':8s} " + " ".join(f"{SHORT[f]:>6s}" for f in families))
-    lines.append(f"{'full':8s} " + " ".join(f"{full[f]:6.2f}" for f in families))
-    for l in range(acc.shape[0]):
-        for h in range(acc.shape[1]):
-            lines.append(f"L{l}H{h:<5d} " + " ".join(f"{x:6.2f}" for x in acc[l, h]))
-    return "\n".join(lines)
-
-
 # -----------------------------------------------------------------------------
-# pictures for the terminal: the budget heatmap
+# the shipped tiny model, the demo and the command line
+
+
+def load_tiny(path=DEFAULT_CHECKPOINT):
+    """(model, tokenizer, meta) of a checkpoint of this project (model.py's file + tasks.py's tokenizer)."""
+    model, header = load_checkpoint(path)
+    enc = tasks.load_tokenizer(header["tokenizer_path"], expected_sha256=header["tokenizer_sha256"])
+    if enc.n_vocab != model.cfg.vocab_size:
+        raise ValueError(f"tokenizer {header['tokenizer_path']} has {enc.n_vocab} tokens, the checkpoint "
+                         f"expects {model.cfg.vocab_size}")
+    return model, enc, header["meta"]
+
+
+def profile_path(checkpoint, scorer):
+    """Where the profile of a checkpoint and scorer lives: beside the checkpoint."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"profile_{scorer}.npy")
 
 
 def heatmap(keep_frac, title):
@@ -820,90 +691,43 @@ def heatmap(keep_frac, title):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# command line
-
-PROFILE_SCORERS = ["snapkv", "keydiff", "knorm", "oracle"]
-
-
-def profile_meta(scorer, model_id, cfg, **extra):
-    """What a profile file records: who it belongs to and how it was made (refused if they differ)."""
-    return {"scorer": scorer, "model": model_id, "sink": cfg.sink, "window": cfg.window, "min_share": cfg.min_share,
-            "snap_window": cfg.snap_window,  # SnapKV's observation window: load_profile refuses another
-            "layout": "[99, n_layer, n_kv_head] prune ratios; row round(100 * ratio) - 1 (kvpress LUKVPress)",
-            **extra}
-
-
-def profile_path(checkpoint, scorer):
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"profile_{scorer}.npz")
-
-
-def load_profiles(checkpoint, model, scorers, required=False, snap_window=None):
-    """{scorer: table} for LU-KV and {'taskloss_' + scorer: table} for ours, where the files exist."""
-    out, model_id = {}, checkpoint_id(checkpoint)
-    for s in scorers:
-        for key in (s, "taskloss_" + s):
-            path = profile_path(checkpoint, key)
-            if os.path.exists(path) or (required and key == s):
-                out[key] = load_profile(path, s, model_id, model.cfg.n_layer, model.cfg.n_kv_head, snap_window)[0]
-    return out
-
-
-def write_json(path, result):
-    """Write results, falling back to the current folder so a long run never loses its work."""
-    try:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-    except OSError as e:
-        fallback = os.path.basename(path) or "lukv_eval.json"
-        print(f"could not write {path} ({e}); writing {fallback} instead", file=sys.stderr)
-        with open(fallback, "w") as f:
-            json.dump(result, f, indent=1)
-        path = fallback
-    print(f"wrote {path}")
-
-
-def plot(result, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: pip install matplotlib to draw --plot", file=sys.stderr)
-        return
-    setting = next(iter(result["full"]))
-    keep = averaged_families(result["full"], setting)
-    rows = [r for r in result["rows"] if r["setting"] == setting and r["family"] in keep]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for scorer, allocator in dict.fromkeys((r["scorer"], r["allocator"]) for r in rows):
-        pts = sorted({r["ratio"] for r in rows})
-        acc = [np.mean([r["accuracy"] for r in rows if r["ratio"] == p and r["scorer"] == scorer
-                        and r["allocator"] == allocator]) for p in pts]
-        ax.plot([100 * p for p in pts], acc, marker="o", label=f"{scorer}+{allocator}")
-    ax.axhline(np.mean([result["full"][setting][f] for f in keep]), color="k", ls="--", label="full cache")
-    ax.set_xlabel("KV cache compression (%)")
-    ax.set_ylabel("exact match (avg)")
-    ax.set_title(f"{setting}, {result['length']} tokens")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+@torch.no_grad()
+def demo(model, enc, profile, cfg, ratio=0.8, n=8, length=1024, seed=2, log=progress):
+    """Exact match per family with the full cache and with each allocator at one ratio (SnapKV
+    scores, query-agnostic): one prefill per example, its cache cloned and compressed per allocator."""
+    stop = enc.encode_ordinary("\n")[0]
+    allocators = ["uniform", "pyramid", "adakv", "lukv"]
+    hits = {a: {f: 0 for f in tasks.EVAL_FAMILIES} for a in ["full"] + allocators}
+    for i, family in enumerate(tasks.EVAL_FAMILIES):
+        for ex in tasks.example_set(family, n, length, seed):
+            (q, a), ctx = ex.qa[0], enc.encode_ordinary(ex.context)
+            q_ids, max_new = enc.encode_ordinary(q), len(enc.encode_ordinary(a)) + 2
+            cache, probe, full_answer, imp = run_full(model, ctx, q_ids, cfg, max_new, stop)
+            hits["full"][family] += tasks.exact_match(family, enc.decode(full_answer).split("\n")[0], a)
+            scores = scores_for("snapkv", cache, probe, imp, cfg)
+            for name in allocators:
+                c = cache.clone()
+                compress(c, scores, allocate(name, ratio, scores, cfg, profile, imp))
+                hits[name][family] += tasks.exact_match(family, answer_with(model, enc, c, q_ids, max_new, stop), a)
+        log(i + 1, len(tasks.EVAL_FAMILIES), f"demo: {i + 1}/{len(tasks.EVAL_FAMILIES)} families")
+    lines = [f"exact match, {n} examples per family, {length} tokens, {ratio:.0%} compression, SnapKV scores, "
+             f"query-agnostic (avg over the families the full cache gets >= 50% right)"]
+    keep = [f for f in tasks.EVAL_FAMILIES if hits["full"][f] >= n / 2]
+    lines.append(f"{'':9s}" + "".join(f"{f.removeprefix('niah_'):>10s}" for f in tasks.EVAL_FAMILIES) + f"{'avg':>7s}")
+    for name, row in hits.items():
+        avg = np.mean([row[f] / n for f in keep]) if keep else float("nan")
+        lines.append(f"{name:9s}" + "".join(f"{row[f] / n:10.2f}" for f in tasks.EVAL_FAMILIES) + f"{avg:7.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- what to do
-    parser.add_argument("--demo", action="store_true", help="heatmap + small evaluation at 80%% (a few minutes on a CPU)")
+    parser.add_argument("--demo", action="store_true", help="heatmap + small evaluation at 80%% (about a minute on a CPU)")
     parser.add_argument("--profile", action="store_true", help="rebuild the profiles next to the checkpoint")
-    parser.add_argument("--eval", action="store_true", help="the full evaluation table")
-    parser.add_argument("--full-cache", action="store_true", help="only the full-cache accuracy per family")
-    parser.add_argument("--knockout", action="store_true", help="accuracy with one head at a time cut to sink + window")
-    parser.add_argument("--taskloss", action="store_true", help="(ours) build the task-loss profile for --scorers")
     # ---- model and method
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--scorers", "--scorer", default=None,
-                        help="comma list (default: all for --eval/--profile, snapkv for --demo and --model)")
-    parser.add_argument("--allocators", default=None, help="comma list (default: all)")
+    parser.add_argument("--scorers", "--scorer", default=None, help="comma list (--profile; default: snapkv,keydiff,knorm,oracle)")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=16, help="oracle: answer tokens generated after the question")
@@ -912,54 +736,29 @@ if __name__ == "__main__":
                         help="--profile: the oracle's future runs the full --horizon steps, past the answer's newline")
     # ---- data
     parser.add_argument("--length", type=int, default=1024, help="context tokens")
-    parser.add_argument("--n", type=int, default=None, help="examples per family")
-    parser.add_argument("--families", default=None, help="comma list (default: every evaluation family + qa)")
-    parser.add_argument("--ratios", default="0.5,0.8,0.9")
-    parser.add_argument("--settings", default="agnostic,aware")
-    parser.add_argument("--seed", type=int, default=2, help="evaluation seed (calibration and development use others)")
+    parser.add_argument("--n", type=int, default=8, help="--demo: examples per family")
+    parser.add_argument("--seed", type=int, default=2, help="--demo: evaluation seed (calibration uses others)")
     parser.add_argument("--calib-contexts", type=int, default=16)
+    parser.add_argument("--calib-questions", type=int, default=8)
     parser.add_argument("--calib-seed", type=int, default=0, help="--profile: calibration seed (calibration-N)")
     parser.add_argument("--calib-correct-only", action="store_true",
                         help="--profile (ours): only the calibration questions the model answers right")
-    parser.add_argument("--calib-questions", type=int, default=8)
-    # ---- output
-    parser.add_argument("--json", default="lukv_eval.json")
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="accuracy vs compression (needs matplotlib)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    # ---- a real model: a local Hugging Face Llama / Mistral / Qwen2 folder (hf.py; pip install -r requirements-hf.txt)
-    parser.add_argument("--model", default=None, metavar="FOLDER", help="profile / evaluate this folder, not --checkpoint")
-    parser.add_argument("--out", default=None, metavar="TABLE.npy", help="--profile --model: the kvpress table to write")
-    parser.add_argument("--text", default=None, metavar="PATH", help="--profile --model: calibration text file or folder "
-                                                                     "(default: generated prose)")
-    parser.add_argument("--table", default=None, metavar="TABLE.npy", help="--eval --model: a table for the lukv allocator")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="--model: weights and KV cache dtype (default: the checkpoint's)")
     args = parser.parse_args()
-    if not (args.demo or args.profile or args.eval or args.full_cache or args.knockout or args.taskloss):
+    if not (args.demo or args.profile):
         parser.print_help()
         sys.exit(0)
-    if args.model and (args.calib_correct_only or args.calib_seed):
-        parser.error("--calib-seed and --calib-correct-only choose the tiny model's calibration questions (tasks qa); "
-                     "--model profiles on text (hf.py, --text) and has no questions to choose: drop them")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, stop_at_answer=not args.past_answer,
                      correct_only=args.calib_correct_only, snap_window=args.snap_window)
-    if args.model:  # hf.py loads the folder, profiles it or evaluates it, and that is all
-        import hf
-        hf.run_cli(args, cfg)
-        sys.exit(0)
-    model, enc, meta = load_checkpoint(args.checkpoint)
-    print(f"model: {args.checkpoint} ({model.num_params() / 1e6:.2f}M parameters, {model.cfg.n_layer} layers x "
-          f"{model.cfg.n_kv_head} KV heads), trained by: {meta.get('command', '?')}")
-    families = args.families.split(",") if args.families else tasks.EVAL_FAMILIES + ["qa"]
-    ratios = [float(r) for r in args.ratios.split(",")]
-    for r in ratios:
-        check_ratio(r)
-    model_id = checkpoint_id(args.checkpoint)  # the profiles name the model they belong to
+    model, enc, meta = load_tiny(args.checkpoint)
+    model_id = file_id(args.checkpoint)  # the profiles name the model they belong to
+    print(f"model: {os.path.basename(args.checkpoint)} ({model.num_params() / 1e6:.2f}M parameters, "
+          f"{model.cfg.n_layer} layers x {model.cfg.n_kv_head} KV heads, id {model_id})")
 
     if args.profile:
-        scorers = args.scorers.split(",") if args.scorers else PROFILE_SCORERS
+        scorers = args.scorers.split(",") if args.scorers else ["snapkv", "keydiff", "knorm", "oracle"]
         tables = build_profile(model, enc, scorers, cfg, args.calib_contexts, args.calib_questions, args.length,
                                seed=args.calib_seed)
         for s, table in tables.items():
@@ -968,61 +767,13 @@ if __name__ == "__main__":
                                   calibration=f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} "
                                               f"questions, {args.length} tokens, seed calibration-{args.calib_seed}")
             save_profile(profile_path(args.checkpoint, s), table, meta_p)
-            print(f"wrote {profile_path(args.checkpoint, s)}")
-
-    if args.taskloss:
-        for s in (args.scorers.split(",") if args.scorers else ["snapkv"]):
-            table = build_taskloss_profile(model, enc, s, cfg, max(1, args.calib_contexts // 2),
-                                           max(1, args.calib_questions // 2), args.length)
-            meta_p = profile_meta(s, model_id, cfg, utility="task loss (ours): calibration answer NLL with one "
-                                                            f"head cut, grid {TASKLOSS_GRID}")
-            save_profile(profile_path(args.checkpoint, "taskloss_" + s), table, meta_p)
-            print(f"wrote {profile_path(args.checkpoint, 'taskloss_' + s)}")
-
-    if args.knockout:
-        n = args.n or 10
-        acc = knockout(model, enc, families, n, args.length, args.seed, cfg)
-        full = evaluate(model, enc, {}, families, [], [], n, args.length, args.seed, cfg)["full"]["agnostic"]
-        print(format_knockout(acc, families, full))
-        write_json(args.json, {"knockout": acc.tolist(), "families": families, "full": full, "n": n})
-
-    if args.full_cache:
-        n = args.n or 50
-        result = evaluate(model, enc, {}, families, [], [], n, args.length, args.seed, cfg, ("agnostic",))
-        print(f"full-cache exact match, {args.length} tokens, n={n} per family, seed {args.seed}:")
-        for f, acc in result["full"]["agnostic"].items():
-            print(f"  {f:16s} {acc:.2f}")
-        for kind, (hits, total) in sorted(result["full_qa_by_kind"].items()):
-            print(f"    qa, {kind:14s} {hits}/{total}")
-        write_json(args.json, result)
+            print(f"wrote {profile_path(args.checkpoint, s)} and its .json sidecar")
 
     if args.demo:
         t0 = time.time()
-        profiles = load_profiles(args.checkpoint, model, ["snapkv"], required=True, snap_window=cfg.snap_window)
-        row = profiles["snapkv"][79]  # 80% compression
-        print(heatmap(1 - row, "LU-KV budgets at 80% compression (SnapKV scorer): share of the context each head keeps"))
-        n = args.n or 8
-        methods = [("snapkv", a) for a in ["uniform", "pyramid", "adakv", "lukv"]]
-        result = evaluate(model, enc, profiles, tasks.EVAL_FAMILIES, [0.8], methods, n, args.length, args.seed,
-                          cfg, ("agnostic",))
-        print(format_table(result))
-        full_mb = np.mean(list(result["full_kv_bytes"]["agnostic"].values())) / 1e6
-        kept = np.mean([r["kv_bytes"] for r in result["rows"]]) / 1e6
-        print(f"KV cache per example: full {full_mb:.2f} MB -> {kept:.2f} MB kept at 80% compression "
-              f"({full_mb - kept:.2f} MB freed); demo took {time.time() - t0:.0f} s")
-        if args.plot:
-            plot(result, args.plot)
-
-    if args.eval:
-        scorers = args.scorers.split(",") if args.scorers else SCORERS
-        allocators = args.allocators.split(",") if args.allocators else ALLOCATORS
-        profiles = load_profiles(args.checkpoint, model, scorers, snap_window=cfg.snap_window)
-        needs = {"lukv": "", "shuffled": "", "taskloss": "taskloss_"}  # allocators that read a profile
-        methods = [(s, a) for s in scorers for a in allocators if a not in needs or needs[a] + s in profiles]
-        methods += [("streaming", "uniform")]
-        result = evaluate(model, enc, profiles, families, ratios, methods, args.n or 10, args.length, args.seed, cfg,
-                          tuple(args.settings.split(",")))
-        print(format_table(result))
-        write_json(args.json, result)
-        if args.plot:
-            plot(result, args.plot)
+        shape = (model.cfg.n_layer, model.cfg.n_kv_head)
+        profile, _ = load_profile(profile_path(args.checkpoint, "snapkv"), "snapkv", model_id, shape, cfg)
+        print(heatmap(1 - profile[79], "LU-KV budgets at 80% compression (SnapKV scorer): share of the context "
+                                       "each head keeps"))
+        print(demo(model, enc, profile, cfg, 0.8, args.n, args.length, args.seed))
+        print(f"demo took {time.time() - t0:.0f} s")

@@ -7,7 +7,7 @@ KV cache, the model, generation, and checkpoints. Every budget in this project i
 its group of query heads reads it together.
 
     python model.py            # load the shipped checkpoint and print its size and cache bytes
-    GPT.from_pretrained("path/to/Llama-3.1-8B-Instruct")   # a local Hugging Face folder (hf.py)
+    hf.load_model("path/to/Llama-3.1-8B-Instruct")   # a real checkpoint, through GPT.from_pretrained
 
 Shapes: B batch, L layers, H KV heads, G query heads per KV head, T tokens, D head dim,
 C model width, V vocabulary.
@@ -566,48 +566,41 @@ class GPT(nn.Module):
         return torch.cat(out, dim=1), cache
 
     @classmethod
-    def from_pretrained(cls, folder, device="cpu", dtype=None, block_size=None):
-        """Load a local Hugging Face Llama / Mistral / Qwen2 folder (config.json + *.safetensors).
+    def from_pretrained(cls, cfg, tensors, device="cpu", dtype=None):
+        """Build a model of cfg from a real checkpoint's tensors: an iterable of (name, tensor) pairs.
 
-        Nothing is downloaded. The model is built without memory (on the meta device) and filled
-        one shard at a time, in the checkpoint's dtype unless dtype is given. block_size caps the
-        context RoPE tables are built for (default: the config's, or its sliding window if smaller).
-        Returns the model in eval mode; its KV cache, eviction and kernels are this file's.
+        Names are Hugging Face's Llama names ("model.layers.0.self_attn.q_proj.weight"; the
+        "model." prefix is optional). Reading the files (a safetensors folder, a GGUF file) and
+        mapping their config to a GPTConfig is hf.py's job; this only places the tensors. The
+        model is built without memory (on the meta device) and filled tensor by tensor, in the
+        first tensor's dtype unless dtype is given. Returns the model in eval mode.
         """
-        from hf import hf_config, hf_weight_files  # config.json -> GPTConfig and the shard list live in hf.py
-        cfg, shards = hf_config(folder, block_size), hf_weight_files(folder)
-        try:
-            from safetensors import safe_open
-        except ImportError:
-            raise ImportError("reading a Hugging Face folder needs the safetensors package: "
-                              "pip install -r requirements-hf.txt") from None
         with torch.device("meta"):
             model = cls(cfg)  # shapes only, no memory
-        for shard in shards:
-            state = {}
-            with safe_open(shard, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    name = key.removeprefix("model.")  # our names are Hugging Face's without "model."
-                    if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
-                        continue  # recomputed here / the embedding is the output head
-                    state[name] = f.get_tensor(key)
-                    dtype = dtype or state[name].dtype  # the first tensor tells the checkpoint's dtype
-                    state[name] = state[name].to(dtype)
-            expected = model.state_dict()
-            unexpected = [k for k in state if k not in expected]
-            wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in state.items()
-                     if k in expected and v.shape != expected[k].shape]
-            if unexpected or wrong:
-                raise RuntimeError(f"{shard} does not fit GPT({cfg}): unexpected tensors {unexpected[:5]}, "
-                                   f"shape mismatches (file vs model) {wrong[:5]}")
-            model.load_state_dict(state, strict=False, assign=True)  # the file's tensors become the parameters
-            del state
+        expected = model.state_dict()
+        state, unexpected, wrong = {}, [], []
+        for key, tensor in tensors:
+            name = key.removeprefix("model.")  # our names are Hugging Face's without "model."
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
+                continue  # recomputed here / the embedding is the output head
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            if tensor.shape != expected[name].shape:
+                wrong.append(f"{name}: {tuple(tensor.shape)} vs {tuple(expected[name].shape)}")
+                continue
+            dtype = dtype or tensor.dtype  # the first tensor tells the checkpoint's dtype
+            state[name] = tensor.to(device=device, dtype=dtype)
+        if unexpected or wrong:
+            raise RuntimeError(f"the checkpoint does not fit GPT({cfg}): unexpected tensors {unexpected[:5]}, "
+                               f"shape mismatches (file vs model) {wrong[:5]}")
+        model.load_state_dict(state, strict=False, assign=True)  # the file's tensors become the parameters
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         missing = [n for n, p in model.named_parameters() if p.is_meta]
         if missing:
-            raise RuntimeError(f"{folder}: the weight files lack {len(missing)} tensors of GPT({cfg}), "
-                               f"e.g. {missing[:5]}; is the folder complete?")
+            raise RuntimeError(f"the checkpoint lacks {len(missing)} tensors of GPT({cfg}), e.g. {missing[:5]}; "
+                               f"is it complete?")
         cos, sin = rope_tables(cfg, device)
         model.rope_cos, model.rope_sin = cos.to(dtype), sin.to(dtype)  # (block_size, D) each
         return model.requires_grad_(False).eval()
@@ -635,8 +628,8 @@ def save_checkpoint(path, model, tokenizer_path, meta):
 
 
 def load_checkpoint(path=DEFAULT_CHECKPOINT, device="cpu", dtype=torch.float32):
-    """Load (model, tokenizer, meta); the tokenizer is the .tiktoken file saved beside it."""
-    from tasks import load_tokenizer
+    """Load (model, header): header holds the training meta and the tokenizer file beside the
+    checkpoint with its sha256 (tasks.load_tokenizer reads it; model.py knows no tokenizer)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}. The tiny model ships in checkpoints/; to make "
                                 f"one: python train_tiny.py --smoke (CPU, a minute) or see README.md")
@@ -653,17 +646,6 @@ def load_checkpoint(path=DEFAULT_CHECKPOINT, device="cpu", dtype=torch.float32):
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match GPT({cfg}): missing {missing}, unexpected {unexpected}")
     model.to(device=device, dtype=dtype).eval()
-    tok_path = os.path.join(os.path.dirname(path), ckpt["tokenizer_file"])
-    enc = load_tokenizer(tok_path, expected_sha256=ckpt["tokenizer_sha256"])
-    if enc.n_vocab != cfg.vocab_size:
-        raise ValueError(f"tokenizer {tok_path} has {enc.n_vocab} tokens, the checkpoint expects {cfg.vocab_size}")
-    return model, enc, ckpt["meta"]
-
-
-
-if __name__ == "__main__":
-    model, enc, meta = load_checkpoint()
-    print(f"loaded {DEFAULT_CHECKPOINT}: {model.num_params() / 1e6:.2f}M parameters, {model.cfg}")
-    ids = torch.tensor([enc.encode_ordinary("Alice lives in Paris. Alice lives in")])
-    new, cache = model.generate(ids, 3)
-    print(repr(enc.decode(new[0].tolist())), f"cache: {cache.nbytes()} bytes of K/V")
+    header = {"meta": ckpt["meta"], "tokenizer_sha256": ckpt["tokenizer_sha256"],
+              "tokenizer_path": os.path.join(os.path.dirname(os.path.abspath(path)), ckpt["tokenizer_file"])}
+    return model, header

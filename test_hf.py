@@ -1,14 +1,14 @@
 """
 Tests of the real-model path on small random-weight Llama, Qwen2 and Mistral models that
 `transformers` builds from configs here (nothing is downloaded): GPT.from_pretrained against
-transformers' own forward, the folder checks, the kvpress table and resumable profiling.
+transformers' own forward and the folder checks (test_real.py tests what real.py does with them).
 
     python -m pytest -q test_hf.py
 """
 
 import json
 import os
-import subprocess
+import random
 import sys
 
 import numpy as np
@@ -16,9 +16,8 @@ import pytest
 import torch
 
 import hf
-import lukv
+import tasks
 from hf import hf_weight_files
-from lukv import LUKVConfig
 from model import GPT, rope_tables
 
 transformers = pytest.importorskip("transformers", reason="pip install -r requirements-hf.txt")
@@ -55,8 +54,8 @@ def make_tokenizer(path):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    prose = hf.generated_prose(seed=5, n_words=300)
-    tok.train_from_iterator([next(prose) for _ in range(20)], trainer)
+    rng = random.Random("tokenizer-prose-5")
+    tok.train_from_iterator([" ".join(tasks.prose_sentences(rng, 300)[0]) for _ in range(20)], trainer)
     assert tok.get_vocab_size() <= VOCAB
     tok.save(path)
 
@@ -194,117 +193,7 @@ def test_missing_tokenizers_package_says_how_to_install(folders, monkeypatch):
 def test_tiny_model_is_unchanged_by_the_new_config_fields():
     """The shipped checkpoint still loads, and its config takes the defaults (no biases, plain RoPE, D = C / heads)."""
     from model import load_checkpoint
-    model, enc, _ = load_checkpoint()
+    model, _ = load_checkpoint()
     cfg = model.cfg
     assert (cfg.head_dim, cfg.rope_scaling, cfg.qkv_bias, cfg.o_bias) == (cfg.n_embd // cfg.n_head, None, False, False)
     assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
-# -----------------------------------------------------------------------------
-# profiling and the kvpress table
-
-CFG = LUKVConfig(sink=4, window=4, horizon=4, snap_window=8)
-
-
-def contexts_of(folder, n=4, length=64):
-    model, enc, model_id = hf.load_model(folder)
-    return model, model_id, hf.calibration_contexts(enc, hf.generated_prose(), n, length, CFG.horizon)
-
-
-def test_exported_table_has_the_kvpress_layout(folders, tmp_path):
-    """The table is float32 [99, n_layer, n_kv_head] prune ratios in [0, 1], nested across rows; row
-    round(100 r) - 1 evicts a share r of all tokens wherever the floors allow, also when read the way
-    LUKVPress reads it (per layer, keep (1 - p) * T rounded); the sidecar names scorer, sink and window."""
-    model, model_id, contexts = contexts_of(folders["qwen2"][0])
-    tables, _ = hf.profile_contexts(model, model_id, contexts, ["snapkv", "keydiff"], CFG, str(tmp_path / "cache"),
-                                    log=lambda *a: None)
-    L, H = model.cfg.n_layer, model.cfg.n_kv_head
-    T = len(contexts[0][0])
-    reachable = 1 - CFG.floor(T) / T  # the largest ratio the per-head floor allows
-    for scorer, table in tables.items():
-        path = str(tmp_path / f"{scorer}.npy")
-        hf.save_table(path, table, lukv.profile_meta(scorer, model_id, CFG))
-        saved = np.load(path, allow_pickle=False)
-        meta = json.load(open(hf.sidecar(path)))
-        assert saved.shape == (99, L, H) and saved.dtype == np.float32
-        assert (saved >= 0).all() and (saved <= 1).all() and (np.diff(saved, axis=0) >= -1e-6).all()
-        assert (meta["scorer"], meta["sink"], meta["window"]) == (scorer, CFG.sink, CFG.window)
-        assert "round(100 * ratio) - 1" in meta["layout"]
-        for r in range(1, 100):
-            ratio = r / 100
-            if ratio > reachable:
-                continue
-            row = saved[round(100 * ratio) - 1]  # LUKVPress's index
-            # the solver evicts round(ratio * N) of the N = L * H * T tokens: half a token of rounding
-            assert abs(row.mean() - ratio) <= 0.5 / (L * H * T) + 1e-6, (scorer, ratio, row.mean())
-            kept = sum(round(float(((1 - row[l]) * T).sum())) for l in range(L))  # LUKVPress, layer by layer
-            # the table averages contexts, so a layer's keep total is fractional: kvpress rounds it per layer
-            assert abs(kept / (L * H * T) - (1 - ratio)) <= (L + 1) * 0.5 / (L * H * T), (scorer, ratio, kept)
-
-
-def test_profiling_resumes_without_recomputing_finished_contexts(folders, tmp_path, monkeypatch):
-    """An interrupted profile, run again, recomputes only the unfinished contexts and gives the same table
-    as one uninterrupted run."""
-    model, model_id, contexts = contexts_of(folders["llama"][0], n=4)
-    calls = []
-    real_run_full = lukv.run_full
-    monkeypatch.setattr(lukv, "run_full", lambda *a, **k: calls.append(1) or real_run_full(*a, **k))
-
-    def interrupt_after_two(done, total, text):
-        if done == 2:
-            raise KeyboardInterrupt
-
-    cache = str(tmp_path / "cache")
-    with pytest.raises(KeyboardInterrupt):
-        hf.profile_contexts(model, model_id, contexts, ["snapkv"], CFG, cache, log=interrupt_after_two)
-    assert len(calls) == 2
-    resumed, counts = hf.profile_contexts(model, model_id, contexts, ["snapkv"], CFG, cache, log=lambda *a: None)
-    assert len(calls) == 4 and counts == {"computed": 2, "reused": 2}
-    fresh, _ = hf.profile_contexts(model, model_id, contexts, ["snapkv"], CFG, str(tmp_path / "fresh"),
-                                   log=lambda *a: None)
-    assert np.array_equal(resumed["snapkv"], fresh["snapkv"])
-    # a changed setting is a different context: nothing is reused
-    _, counts = hf.profile_contexts(model, model_id, contexts[:1], ["snapkv"], LUKVConfig(sink=2, window=4, horizon=4),
-                                    cache, log=lambda *a: None)
-    assert counts == {"computed": 1, "reused": 0}
-
-
-def test_calibration_text_from_a_folder(tmp_path, folders):
-    """A folder of text files is read in name order as one token stream and cut into (context, continuation)
-    pairs; too little text says how much one context needs."""
-    enc = hf.load_tokenizer(folders["llama"][0])
-    (tmp_path / "b.txt").write_text("The river flows past the hill. " * 40)
-    (tmp_path / "a.txt").write_text("Alice lives in Paris. " * 40)
-    contexts = hf.calibration_contexts(enc, hf.read_documents(str(tmp_path)), 3, 50, 5)
-    text = "Alice lives in Paris. " * 40 + "\n\n" + "The river flows past the hill. " * 40 + "\n\n"
-    stream = enc.encode_ordinary(text)
-    assert [c + f for c, f in contexts] == [stream[i * 55:(i + 1) * 55] for i in range(3)]
-    with pytest.raises(ValueError, match="one calibration context needs 100005"):
-        hf.calibration_contexts(enc, hf.read_documents(str(tmp_path)), 1, 100000, 5)
-
-
-def test_cli_profiles_and_evaluates_a_folder(folders, tmp_path):
-    """lukv.py --profile --model writes the table and its sidecar; --eval --model reads it and reports accuracy,
-    kept KV bytes and decode time per token."""
-    folder = folders["mistral"][0]
-    out = str(tmp_path / "curve.npy")
-    common = [sys.executable, os.path.join(HERE, "lukv.py"), "--model", folder, "--length", "96", "--sink", "4",
-              "--window", "4", "--horizon", "4"]
-    run = subprocess.run(common + ["--profile", "--scorer", "snapkv", "--calib-contexts", "2", "--out", out],
-                         capture_output=True, text=True, cwd=str(tmp_path))
-    assert run.returncode == 0, run.stderr
-    assert np.load(out).shape == (99, 2, 2) and os.path.exists(str(tmp_path / "curve.json"))
-    assert len(os.listdir(str(tmp_path / "curve.cache"))) == 2
-    run = subprocess.run(common + ["--eval", "--scorer", "snapkv", "--allocators", "uniform,lukv", "--table", out,
-                                   "--families", "niah_single",
-                                   "--n", "1", "--ratios", "0.5", "--settings", "agnostic",
-                                   "--json", str(tmp_path / "eval.json")],
-                         capture_output=True, text=True, cwd=str(tmp_path))
-    assert run.returncode == 0, run.stderr
-    result = json.load(open(tmp_path / "eval.json"))
-    assert {r["allocator"] for r in result["rows"]} == {"uniform", "lukv"}
-    full = result["full_kv_bytes"]["agnostic"]["niah_single"]
-    assert all(abs(r["kv_bytes"] / full - 0.5) < 0.02 for r in result["rows"]), result["rows"]
-    timings = result["decode_ms_per_token"]["0.5"]
-    assert set(timings) == {"full", "snapkv+uniform", "snapkv+lukv"}
-    assert all(v > 0 for v in timings.values()) and "ms" in run.stdout
