@@ -2,14 +2,15 @@
 Train the tiny model that ships in checkpoints/: language modelling on generated prose plus
 every task family of tasks.py, at mixed lengths.
 
-    python train_tiny.py --smoke                   # a 2-layer toy on a laptop CPU, under a minute
-    python train_tiny.py --out checkpoints         # the shipped model (a GPU; see README.md)
+    python train_tiny.py --smoke                   # a 2-layer toy on a laptop CPU, under a minute (runs/tiny/)
+    python train_tiny.py --out runs/tiny           # the shipped model's configuration (a GPU; results/TRAINING.md)
 
 Runs in chunks: `--time-limit` seconds per call, a resume file saved every `--save-every`
 steps and at the end of each chunk; calling the same command again continues exactly where it
 stopped (model, optimizer, data position and schedule: the batch of step s is a pure function
-of (seed, s)). When `--max-steps` is reached the fp16 checkpoint `tiny.pt` is written next to
-the tokenizer, with the command and the seed that made it.
+of (seed, s)). When `--max-steps` is reached the fp16 checkpoint `tiny.pt` is written into
+`--out` (default runs/tiny, never the shipped checkpoints/ unless named), with the command and
+the seed that made it; a tiny.pt of another configuration there is never overwritten.
 """
 
 import argparse
@@ -139,7 +140,8 @@ def dev_accuracy(model, enc, n_tokens, n_per_family, device, seed=1234):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- output and chunking
-    parser.add_argument("--out", default="checkpoints", help="folder for tiny.pt, the resume file and the log")
+    parser.add_argument("--out", default="runs/tiny", help="folder for tiny.pt, the resume file and the log "
+                        "(the shipped checkpoints/ only when named)")
     parser.add_argument("--tokenizer", default="checkpoints/tiny.tiktoken", help="BPE rank file (made if missing)")
     parser.add_argument("--time-limit", type=float, default=540, help="seconds per call; then save and exit")
     parser.add_argument("--chunk-steps", type=int, default=None, help="also stop after this many steps per call")
@@ -188,10 +190,17 @@ if __name__ == "__main__":
     cfg = GPTConfig(vocab_size=enc.n_vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                     n_kv_head=args.n_kv_head, n_embd=args.n_embd,
                     mlp_hidden=64 * math.ceil(8 * args.n_embd / 3 / 64))
+    ckpt_path = os.path.join(args.out, "tiny.pt")
+    if os.path.exists(ckpt_path):  # refuse now, not after the run: never replace a model of another shape
+        old = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
+        if old != cfg.__dict__:
+            sys.exit(f"{ckpt_path} holds a model of another configuration ({old}); this run builds {cfg.__dict__}. "
+                     f"Give another --out (the default is runs/tiny) or move that file away")
     model = GPT(cfg).to(device)
     init_meta = None
     if args.init_from:  # a second training stage starts from shipped weights with a fresh optimizer
-        init, _, init_meta = load_checkpoint(args.init_from)
+        init, header = load_checkpoint(args.init_from)
+        init_meta = header["meta"]
         if init.cfg != cfg:
             sys.exit(f"--init-from {args.init_from} has config {init.cfg}, this run builds {cfg}")
         model.load_state_dict(init.state_dict())
@@ -272,7 +281,6 @@ if __name__ == "__main__":
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if step >= args.max_steps:
-        ckpt_path = os.path.join(args.out, "tiny.pt")
         save_checkpoint(ckpt_path, model, args.tokenizer, meta)
         log(f"wrote {ckpt_path} ({os.path.getsize(ckpt_path) / 1e6:.1f} MB) after {step} steps, {elapsed:.0f} s")
     else:
