@@ -434,7 +434,6 @@ GENERATORS = {
 }
 FAMILIES = list(GENERATORS)
 EVAL_FAMILIES = [f for f in FAMILIES if f != "qa"]  # qa is the calibration source
-RETRIEVAL_FAMILIES = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt"]
 SET_FAMILIES = {"niah_multivalue", "cwe"}  # answers whose order does not matter
 
 

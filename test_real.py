@@ -32,7 +32,8 @@ CFG = LUKVConfig(sink=4, window=4, horizon=4, snap_window=8)
 
 def contexts_of(folder, n=4, length=64):
     model, enc, model_id = hf.load_model(folder)
-    return model, model_id, real.calibration_contexts(enc, real.generated_prose(), n, length, CFG.horizon)
+    pairs = real.calibration_contexts(enc, real.generated_prose(), n, length, CFG.horizon)
+    return model, model_id, [(c, [f]) for c, f in pairs]  # the one 'question' is the text's continuation
 
 
 def test_exported_table_has_the_kvpress_layout(folders, tmp_path):
@@ -71,8 +72,8 @@ def test_profiling_resumes_without_recomputing_finished_contexts(folders, tmp_pa
     as one uninterrupted run."""
     model, model_id, contexts = contexts_of(folders["llama"][0], n=4)
     calls = []
-    real_run_full = lukv.run_full
-    monkeypatch.setattr(lukv, "run_full", lambda *a, **k: calls.append(1) or real_run_full(*a, **k))
+    real_tables = lukv.calibration_tables
+    monkeypatch.setattr(lukv, "calibration_tables", lambda *a, **k: calls.append(1) or real_tables(*a, **k))
 
     def interrupt_after_two(done, total, text):
         if done == 2:
