@@ -411,8 +411,10 @@ def check_writable(path):
         raise SystemExit(f"the folder of {path} does not exist; create it or give another path")
 
 
-def plot(result, path):
-    """Accuracy vs compression, one line per (scorer, allocator) of the first setting (needs matplotlib)."""
+def plot(result, path, profile=None, scorer="snapkv"):
+    """The README's picture (needs matplotlib): LU-KV's per-head budgets at 80% as a heatmap (when a
+    profile is given), and accuracy vs compression for each allocator of one scorer, query-agnostic,
+    with 95% intervals."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -422,14 +424,29 @@ def plot(result, path):
         return
     setting = result["settings"][0]
     keep = averaged_families(result, setting)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for scorer, allocator in result["methods"]:
-        acc = [np.mean(method_scores(result, setting, keep, f"{scorer}|{allocator}|{r}")) for r in result["ratios"]]
-        ax.plot([100 * r for r in result["ratios"]], acc, marker="o", label=f"{scorer}+{allocator}")
+    panels = 2 if profile is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    if profile is not None:
+        ax = axes[0, 0]
+        im = ax.imshow(100 * (1 - profile[79]), cmap="viridis", aspect="auto")  # row 79 = 80% compression
+        ax.set_xlabel("KV head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(profile.shape[2]))
+        ax.set_title(f"LU-KV budgets at 80% ({scorer}): % of context kept")
+        fig.colorbar(im, ax=ax)
+    ax = axes[0, -1]
+    n_avg = len(method_scores(result, setting, keep))
+    for s, allocator in result["methods"]:
+        if s != scorer:
+            continue
+        stats = [interval(method_scores(result, setting, keep, f"{s}|{allocator}|{r}")) for r in result["ratios"]]
+        mean = np.array([m for m, _, _ in stats])
+        err = np.array([[m - lo for m, lo, _ in stats], [hi - m for m, _, hi in stats]])
+        ax.errorbar([100 * r for r in result["ratios"]], mean, yerr=err, marker="o", capsize=3, label=allocator)
     ax.axhline(np.mean(method_scores(result, setting, keep)), color="k", ls="--", label="full cache")
     ax.set_xlabel("KV cache compression (%)")
-    ax.set_ylabel("score (avg)")
-    ax.set_title(f"{setting}, {result['length']} tokens, n={result['n']} per family")
+    ax.set_ylabel(f"score, avg of {n_avg} examples")
+    ax.set_title(f"{scorer} scores, {setting}, {result['length']} tokens")
     ax.legend(fontsize=7)
     fig.tight_layout()
     safe_write(path, lambda p: fig.savefig(p, dpi=120), "lukv_eval.png")
@@ -483,9 +500,21 @@ if __name__ == "__main__":
     parser.add_argument("--calib-questions", type=int, default=8, help="--taskloss: questions per context (/2)")
     # ---- output
     parser.add_argument("--json", default="lukv_eval.json")
-    parser.add_argument("--plot", default=None, metavar="FILE.png", help="accuracy vs compression (needs matplotlib)")
+    parser.add_argument("--plot", default=None, metavar="FILE.png", help="--eval: the budget heatmap and accuracy vs "
+                        "compression (needs matplotlib)")
+    parser.add_argument("--from", dest="from_json", default=None, metavar="RESULT.json",
+                        help="--plot from a saved --eval result instead of running one")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.plot and args.from_json:  # redraw the picture from a saved result
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        m, _ = lukv.load_checkpoint(args.checkpoint)
+        cfg = LUKVConfig(sink=args.sink, window=args.window, snap_window=args.snap_window)
+        profile = lukv.load_profile(lukv.profile_path(args.checkpoint, "snapkv"), "snapkv", lukv.file_id(args.checkpoint),
+                                    (m.cfg.n_layer, m.cfg.n_kv_head), cfg)[0]
+        plot(saved, args.plot, profile)
+        sys.exit(0)
     if not (args.eval or args.full_cache or args.knockout or args.taskloss):
         parser.print_help()
         sys.exit(0)
@@ -537,4 +566,4 @@ if __name__ == "__main__":
         print(format_table(result))
         write_json(args.json, result)
         if args.plot:
-            plot(result, args.plot)
+            plot(result, args.plot, profiles.get("snapkv"))
