@@ -1,0 +1,44 @@
+"""
+pytest setup shared by every test file: the Triton interpreter on CPU-only machines, hypothesis
+profiles, and the `slow` marker.
+
+    python -m pytest -q                              # fast: hypothesis profile "ci", slow tests skipped
+    python -m pytest -q --run-slow                   # also the slow ones (torch.compile of every v2 case)
+    HYPOTHESIS_PROFILE=thorough python -m pytest -q  # many more hypothesis examples
+
+pytest imports this file before any test module, so the environment set here is in place before
+anything imports triton or kernels.py (Triton picks interpreter or compiler when a kernel is defined).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # v3 kernels run as Python on the CPU
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=10, deadline=None)  # the default: a few examples per property
+settings.register_profile("thorough", max_examples=200, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow (torch.compile cases)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes many seconds on a CPU (torch.compile); run with --run-slow")
+    # the interpreter evaluates masked-off lanes too (0 / 0 in padded query rows): numpy warns, nothing is stored
+    config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    import pytest
+    skip = pytest.mark.skip(reason="slow (torch.compile compiles each case); run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
