@@ -69,6 +69,9 @@ class TinySuite:
     def answer(self, ids):
         return self.enc.decode(ids).split("\n")[0]
 
+    def done(self, item):
+        return None  # the newline is a stop token
+
     def score(self, item, answer):
         return float(tasks.exact_match(item.family, answer, item.references[0]))
 
@@ -78,18 +81,21 @@ class TinySuite:
 
 
 @torch.no_grad()
-def decode_rows(model, cache, follow_ids, max_new, stop_ids):
+def decode_rows(model, cache, follow_ids, max_new, stop_ids, done=None):
     """Greedy answers of every row of a batched cache to the same follow_ids: B lists of token ids,
-    each cut before its first stop token."""
-    B = cache.B
-    logits = model(torch.tensor([follow_ids] * B), cache=cache)[:, -1]  # (B, V)
-    stops = torch.tensor(sorted(stop_ids))
-    steps, done = [], torch.zeros(B, dtype=torch.bool)
+    each cut before its first stop token. done(ids) -> bool may end a row early (a newline rule)."""
+    B, device = cache.B, cache.device
+    logits = model(torch.tensor([follow_ids] * B, device=device), cache=cache, last_only=True)[:, -1]  # (B, V)
+    stops = torch.tensor(sorted(stop_ids), device=device)
+    steps, finished = [], torch.zeros(B, dtype=torch.bool)
     for step in range(max_new):
         nxt = logits.argmax(-1)  # (B,)
-        steps.append(nxt)
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()) or step == max_new - 1:
+        steps.append(nxt.cpu())
+        finished |= torch.isin(nxt, stops).cpu()
+        if done is not None:
+            rows = torch.stack(steps, dim=1).tolist()
+            finished |= torch.tensor([done(row) for row in rows])
+        if bool(finished.all()) or step == max_new - 1:
             break
         logits = model(nxt[:, None], cache=cache)[:, -1]
     rows = torch.stack(steps, dim=1).tolist()  # (B, steps)
@@ -102,30 +108,32 @@ def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
     each keeps and the share of oracle importance it drops."""
     prefix, follow = (item.context, item.question) if setting == "agnostic" else \
         (item.context + item.question[:-1], item.question[-1:])
-    stop = min(suite.stop_ids)  # run_full's own answer stops at one token; the text is cut by suite.answer
-    cache, probe, full_ids, imp = run_full(model, prefix, follow, cfg, item.max_new, stop)
+    cache, probe, full_ids, imp = run_full(model, prefix, follow, cfg, item.max_new, suite.stop_ids)
     full_ids = full_ids[:next((i for i, t in enumerate(full_ids) if t in suite.stop_ids), len(full_ids))]
     record = {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
               "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {}}
     for scorer in dict.fromkeys(s for s, _ in methods):
         scores = scores_for(scorer, cache, probe, imp, cfg)
         rows = [(a, r) for s, a in methods if s == scorer for r in ratios]
-        # the task-loss allocator (ours) is LU-KV's online step fed the task-loss profile
-        counts = np.stack([allocate("lukv" if a == "taskloss" else a, r, scores, cfg,
-                                    profiles.get(profile_key(scorer, a)), imp) for a, r in rows])
+        # the task-loss (ours) and in-task allocators are LU-KV's online step fed another profile
+        counts = np.stack([allocate("lukv" if a in ("taskloss", "intask") else a, r, scores, cfg,
+                                    profiles.get(profile_key(scorer, a, item.family)), imp) for a, r in rows])
         batch = cache.repeat(len(rows))  # (B = len(rows)) copies of the prefilled cache
         keep = compress(batch, scores, counts)  # (B, L, H, T)
         kv_bytes = (batch.length.sum(dim=(0, 2)) * batch.nbytes() / batch.length.sum()).tolist()  # (B,) per row
         lost = ((imp * ~keep).flatten(1).sum(1) / imp.sum().clamp(min=1e-30)).tolist()  # (B,)
-        answers = decode_rows(model, batch, follow, item.max_new, suite.stop_ids)
+        answers = decode_rows(model, batch, follow, item.max_new, suite.stop_ids, suite.done(item))
         for b, (allocator, ratio) in enumerate(rows):
             record["methods"][f"{scorer}|{allocator}|{ratio}"] = {
                 "score": suite.score(item, suite.answer(answers[b])), "kv_bytes": kv_bytes[b], "oracle_loss": lost[b]}
     return record
 
 
-def profile_key(scorer, allocator):
-    """The profile an allocator reads: LU-KV's (and the shuffled control's) or the task-loss one (ours)."""
+def profile_key(scorer, allocator, family=None):
+    """The profile an allocator reads: LU-KV's (and the shuffled control's), the task-loss one (ours), or
+    the in-task one (profiled on the evaluation family itself, other seeds: a diagnostic)."""
+    if allocator == "intask":
+        return f"intask_{family}_{scorer}"
     return ("taskloss_" if allocator == "taskloss" else "") + scorer
 
 
@@ -292,8 +300,7 @@ def knockout(model, suite, families, n, length, seed, cfg, log=progress):
     acc, t0 = np.zeros((L, H, len(families))), time.time()
     for fi, family in enumerate(families):
         for item in suite.items(family, n, length, seed):
-            cache, probe, _, imp = run_full(model, item.context, item.question, cfg, item.max_new,
-                                            min(suite.stop_ids))
+            cache, probe, _, imp = run_full(model, item.context, item.question, cfg, item.max_new, suite.stop_ids)
             T = len(item.context)
             scores = lukv.protect(lukv.streaming_scores(L, H, T), cfg)
             counts = np.full((L * H, L, H), T)
@@ -301,7 +308,8 @@ def knockout(model, suite, families, n, length, seed, cfg, log=progress):
                 counts[hd].flat[hd] = min(T, cfg.sink + cfg.window)  # head hd = (l, h) cut, the rest full
             batch = cache.repeat(L * H)
             compress(batch, scores, counts)
-            for hd, ids in enumerate(decode_rows(model, batch, item.question, item.max_new, suite.stop_ids)):
+            for hd, ids in enumerate(decode_rows(model, batch, item.question, item.max_new, suite.stop_ids,
+                                                 suite.done(item))):
                 acc.reshape(L * H, -1)[hd, fi] += suite.score(item, suite.answer(ids)) / n
         log(fi + 1, len(families), f"knockout: {fi + 1}/{len(families)} families ({time.time() - t0:.0f} s)")
     return acc
@@ -464,14 +472,14 @@ def load_profiles(checkpoint, model_id, shape, scorers, cfg):
 
 
 ALLOCATORS = ["uniform", "pyramid", "adakv", "lukv", "taskloss", "shuffled", "oracle"]
-SCORERS = ["snapkv", "keydiff", "knorm", "oracle"]
+SCORERS = ["snapkv", "keydiff", "knorm", "expected_attention", "oracle"]
 
 
 def method_list(scorers, allocators, profiles):
     """(scorer, allocator) pairs, without those that need a profile this scorer does not have."""
-    methods = [(s, a) for s in scorers for a in allocators
-               if a not in ("lukv", "shuffled", "taskloss") or profile_key(s, a) in profiles]
-    return methods
+    return [(s, a) for s in scorers for a in allocators
+            if a not in ("lukv", "shuffled", "taskloss", "intask") or a == "intask" and any(
+                k.startswith("intask_") and k.endswith("_" + s) for k in profiles) or profile_key(s, a) in profiles]
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Tang et al., "Predicting Future Utility: Global Combinatorial Optimization for T
 KV Cache Eviction" (arXiv 2602.08585, ICML 2026). A heuristic scorer ranks tokens inside a head;
 LU-KV picks per-head budgets so that the long-horizon utility lost is smallest over the model:
 
-  1. scorers            rank the tokens inside each head (SnapKV, KeyDiff) -> SCORERS
+  1. scorers            rank the tokens inside each head (SnapKV, KeyDiff, -> SCORERS
+                        K-norm, Expected Attention)
   2. oracle importance  I[l, h, j] = max over future steps k, query heads q of KV head h of
                         || A[k, j] * v_j @ W_O[q] ||                       -> run_full
   3. loss curves        evict in the scorer's order, cumulative I lost     -> loss_curve
@@ -53,15 +54,48 @@ class LUKVConfig:
     window: int = 16  # most recent tokens every head always keeps
     min_share: float = 0.01  # every head also keeps at least this fraction of the context
     snap_window: int = 16  # SnapKV: how many last positions observe the context
-    snap_kernel: int = 5  # SnapKV: max-pool width over tokens
+    snap_kernel: int = 5  # SnapKV: pooling width over tokens (odd)
+    snap_pool: str = "avg"  # SnapKV: "avg" (SnapKV's and kvpress's default) or "max" (AdaKV's code; our old default)
+    ea_epsilon: float = 0.02  # Expected Attention: (score + epsilon) * ||v|| (the paper's and kvpress's table)
+    ea_future: int = 512  # Expected Attention: the future positions whose RoPE rotations are averaged
+    adakv_alpha: float = 0.2  # AdaKV: the share of a head's uniform budget it always keeps
+    adakv_blend: str = "original"  # AdaKV: "original" (FFY0/AdaKV) or "kvpress" (floor, then pooled top-k)
+    pyramid_beta: int = 20  # PyramidKV: the last layer keeps 1 / beta of the average budget
     horizon: int = 16  # oracle: answer tokens the model generates after the question
     stop_at_answer: bool = True  # oracle: the future ends at the answer's newline (False: always horizon steps)
     correct_only: bool = False  # profiling: keep only the calibration questions the model answers right
     normalise_values: bool = True  # oracle: divide ||v W_O|| by its sum over the layer (official code)
 
+    def __post_init__(self):
+        if self.snap_pool not in ("avg", "max"):
+            raise ValueError(f"snap_pool must be 'avg' or 'max', got {self.snap_pool!r}")
+        if self.snap_kernel < 1 or self.snap_kernel % 2 == 0:
+            raise ValueError(f"snap_kernel must be odd and positive (a centred pooling window), got {self.snap_kernel}")
+        if self.adakv_blend not in ("original", "kvpress"):
+            raise ValueError(f"adakv_blend must be 'original' or 'kvpress', got {self.adakv_blend!r}")
+        if not 0 <= self.adakv_alpha <= 1 or self.ea_epsilon < 0 or self.ea_future < 1 or self.pyramid_beta < 1:
+            raise ValueError(f"expected 0 <= adakv_alpha <= 1, ea_epsilon >= 0, ea_future >= 1 and pyramid_beta >= 1, "
+                             f"got {self.adakv_alpha}, {self.ea_epsilon}, {self.ea_future}, {self.pyramid_beta}")
+
     def floor(self, T):
         """Tokens every head keeps at least: sink + window + the minimum share."""
         return min(T, self.sink + self.window + math.ceil(self.min_share * T))
+
+
+# each scorer's protected tokens in the paper's experiments (and kvpress's shipped LU-KV table for Expected
+# Attention): LUKVConfig(**PAPER_SETTINGS[scorer]) reproduces them; a profile belongs to one of these
+PAPER_SETTINGS = {"snapkv": dict(sink=4, window=32, snap_window=32), "keydiff": dict(sink=4, window=1),
+                  "expected_attention": dict(sink=4, window=1, ea_epsilon=0.02)}
+
+
+def keep_count(n, ratio):
+    """Tokens kept of n at a compression ratio, in integers: n - round_half_up(ratio * n).
+
+    The ratio is read in millionths, so 0.8 is exactly 800000 / 10**6 and 400 tokens keep 80 (float
+    arithmetic gives int(400 * (1 - 0.8)) = 79, what kvpress keeps). The greedy table rounds its
+    evictions the same way, so a profile's row and this count agree."""
+    millionths = round(ratio * 10**6)
+    return n - (2 * millionths * n + 10**6) // (2 * 10**6)
 
 
 def progress(done, total, text):
@@ -77,13 +111,23 @@ def progress(done, total, text):
 
 
 def snapkv_scores(probe, cfg):
-    """SnapKV: attention the last positions pay to each token, summed, GQA group mean, max-pooled."""
+    """SnapKV: the attention the observation window (the last w positions) pays to each token, summed over
+    the window, pooled over cfg.snap_kernel neighbours (cfg.snap_pool: avg or max), GQA-group mean.
+
+    As in SnapKV's code, the context before the window is pooled on its own, zero-padded at its ends, so
+    the window's attention to itself never leaks into its neighbours' scores. The window's own tokens
+    (pooled apart the same way) only count when cfg.window < w: SnapKV always keeps them. Each query
+    head is pooled before the group mean (kvpress's order; for avg pooling the order does not matter)."""
+    pool = {"avg": torch.nn.functional.avg_pool1d, "max": torch.nn.functional.max_pool1d}[cfg.snap_pool]
     layers = []
     for l in sorted(probe.prefill_attn):
         a = probe.prefill_attn[l][0]  # (H, G, w, T)
-        s = a.sum(dim=2).mean(dim=1)  # (H, T)
-        s = torch.nn.functional.max_pool1d(s[:, None], cfg.snap_kernel, stride=1, padding=cfg.snap_kernel // 2)[:, 0]
-        layers.append(s)
+        H, G, w, T = a.shape
+        s = a.sum(dim=2)  # (H, G, T)
+        parts = [part for part in (s[..., :T - w], s[..., T - w:]) if part.shape[-1] > 0]
+        pooled = [pool(part.reshape(H * G, 1, -1), cfg.snap_kernel, stride=1, padding=cfg.snap_kernel // 2)
+                  for part in parts]  # each (H*G, 1, T_part)
+        layers.append(torch.cat(pooled, dim=-1).view(H, G, T).mean(dim=1))  # (H, T)
     return torch.stack(layers)  # (L, H, T)
 
 
@@ -105,6 +149,61 @@ def knorm_scores(cache):
 def streaming_scores(L, H, T):
     """StreamingLLM's positional rule: the newest tokens first (sinks are protected anyway)."""
     return torch.arange(T, dtype=torch.float32).expand(L, H, T).clone()
+
+
+def average_rope(cfg, T, n_future):
+    """cos and sin (D,) of the RoPE rotation averaged over positions T .. T + n_future - 1 of a model config.
+
+    R_t x = cos_t * x + sin_t * rotate_half(x) is linear in (cos_t, sin_t), so the mean rotation is
+    the same formula with the mean cos and sin (model.py's tables, including their scaling)."""
+    from model import rope_frequencies  # model.py's RoPE, so Llama 3.1 / yarn scaling comes along
+
+    inv_freq, scale = rope_frequencies(cfg)  # (D/2,)
+    angles = torch.outer(torch.arange(T, T + n_future, dtype=torch.float32), inv_freq)  # (F, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (F, D) Hugging Face's two-halves layout
+    return (angles.cos() * scale).mean(dim=0), (angles.sin() * scale).mean(dim=0)
+
+
+def rotate(x, cos, sin):
+    """Apply the rotation (cos, sin) (D,) to the last dimension of x (model.apply_rope's formula)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def expected_attention_scores(cache, probe, cfg):
+    """Expected Attention (Devoto et al.; kvpress ExpectedAttentionPress): the attention that future
+    queries are expected to pay each token, times its value norm. Query-free.
+
+    Per layer the prefill recorded the mean mu and covariance Sigma of each query head's pre-RoPE
+    queries past the sinks (Probe(query_stats=sink)). Both are rotated by the average RoPE rotation R
+    of the next cfg.ea_future positions: mu -> R mu, Sigma -> R Sigma R^T. A query q ~ N(mu, Sigma)
+    has E[exp(q.k / sqrt(D))] = exp(mu.k / sqrt(D) + k^T Sigma k / (2 D)), so token j of query head q
+    scores softmax_j(mu.k_j / sqrt(D) + k_j^T Sigma k_j / (2 D)) over the tokens past the sinks; the
+    GQA group's mean, then (score + cfg.ea_epsilon) * ||v_j||. Sinks get 0 here (protect keeps them)."""
+    if getattr(probe, "query_stats", None) != cfg.sink:
+        raise ValueError(f"expected attention needs the query statistics past the {cfg.sink} sinks, recorded "
+                         f"at prefill with Probe(query_stats={cfg.sink}); the probe has query_stats="
+                         f"{getattr(probe, 'query_stats', None)!r} (lukv.prefill turns it on)")
+    if not probe.values:
+        raise ValueError("expected attention needs the value vectors: Probe(keep_values=True)")
+    H, G, D = cache.cfg.n_kv_head, cache.cfg.group, cache.cfg.head_dim
+    T = cache.keys(0).shape[1]
+    cos, sin = (x.to(cache.device) for x in average_rope(cache.cfg, T, cfg.ea_future))  # (D,) each
+    layers = []
+    for l in range(len(cache.k)):
+        scores = torch.zeros(H, T, device=cache.device)
+        if T > max(cfg.sink, 1):
+            keys = cache.keys(l).float()[:, cfg.sink:]  # (H, T', D), T' = T - sink
+            values = probe.values[l][0].float()[:, cfg.sink:]  # (H, T', D)
+            mu = rotate(probe.query_mean[l][0].float(), cos, sin).view(H, G, D)  # (H, G, D) = R mu
+            sigma = probe.query_cov[l][0].float()  # (H*G, D, D)
+            sigma = rotate(rotate(sigma, cos, sin).transpose(-1, -2), cos, sin).view(H, G, D, D)  # R Sigma R^T
+            logits = torch.einsum("hgd,htd->hgt", mu, keys) / math.sqrt(D)  # (H, G, T')
+            logits += torch.einsum("htd,hgde,hte->hgt", keys, sigma, keys) / (2 * D)
+            expected = torch.softmax(logits, dim=-1).mean(dim=1)  # (H, T')
+            scores[:, cfg.sink:] = (expected + cfg.ea_epsilon) * values.norm(dim=-1)
+        layers.append(scores)
+    return torch.stack(layers)  # (L, H, T)
 
 
 def protect(scores, cfg):
@@ -134,36 +233,49 @@ def value_out_norms(model, values, normalise):
 def oracle_from_steps(decode_attn, vnorm, T):
     """I[l, h, j] = max over steps k and group heads q of A[l, h, q, k, j] * vnorm[l, h, q, j]: (L, H, T)."""
     L = vnorm.shape[0]
-    imp = torch.zeros(vnorm.shape[0], vnorm.shape[1], T)
+    # computed where the attention lives (the model's device), in float32 whatever the model's dtype;
+    # returned on the CPU, where the loss curves and the solver (numpy) read it
+    imp = torch.zeros(vnorm.shape[0], vnorm.shape[1], T, device=vnorm.device)
     for step in decode_attn:
-        a = torch.stack([step[l][0, :, :, :T] for l in range(L)])  # (L, H, G, T)
-        imp = torch.maximum(imp, (a * vnorm[..., :T]).amax(dim=2))
-    return imp
+        a = torch.stack([step[l][0, :, :, :T].float() for l in range(L)])  # (L, H, G, T)
+        imp = torch.maximum(imp, (a * vnorm[..., :T].float()).amax(dim=2))
+    return imp.cpu()
 
 
 @torch.no_grad()
-def run_full(model, ctx_ids, q_ids, cfg, max_answer, stop_token):
-    """Prefill the context once with every probe, then answer with the full cache.
-
-    Returns the prefilled cache (to compress many ways), the probe of the prefill (scorer
-    inputs), the full-cache answer tokens, and the oracle importance (L, H, T) over the
-    question plus the model's own answer (the future steps of the query-agnostic setting).
-    """
+def prefill(model, ctx_ids, cfg):
+    """Prefill the context once, recording what the scorers and the oracle read: (cache, probe)."""
     T = len(ctx_ids)
     if T == 0:
         raise ValueError("empty context: there is nothing to compress")
     w = min(cfg.snap_window, T)
-    probe = Probe(query_pos=torch.arange(T - w, T), keep_values=True)
+    device = model.embed_tokens.weight.device  # the cache, the probe and the prompt live with the model
+    probe = Probe(query_pos=torch.arange(T - w, T, device=device), keep_values=True, query_stats=cfg.sink)
     cache = model.new_cache(1)
-    model(torch.tensor([ctx_ids]), cache=cache, probe=probe)
+    model(torch.tensor([ctx_ids], device=device), cache=cache, probe=probe, last_only=True)
+    return cache, probe
+
+
+@torch.no_grad()
+def oracle_importance(model, cache, probe, q_ids, cfg, max_answer, stop_token):
+    """The model's own answer to q_ids with the full cache, and the oracle importance (L, H, T) of
+    every context token over the question plus that answer (the future of the query-agnostic setting)."""
     future = Probe(decode=True)
-    answer, _ = model.generate(torch.tensor([q_ids]), max_answer, cache=cache.clone(), stop_token=stop_token,
-                               probe=future)
+    answer, _ = model.generate(torch.tensor([q_ids], device=cache.device), max_answer, cache=cache.clone(),
+                               stop_token=stop_token, probe=future)
     vnorm = value_out_norms(model, probe.values, cfg.normalise_values)
-    return cache, probe, answer[0].tolist(), oracle_from_steps(future.decode_attn, vnorm, T)
+    return answer[0].tolist(), oracle_from_steps(future.decode_attn, vnorm, cache.seen)
 
 
-SCORERS = ["snapkv", "keydiff", "knorm", "streaming", "oracle"]
+def run_full(model, ctx_ids, q_ids, cfg, max_answer, stop_token):
+    """prefill + oracle_importance: the prefilled cache (to compress many ways), the probe of the
+    prefill (scorer inputs), the full-cache answer tokens and the oracle importance (L, H, T)."""
+    cache, probe = prefill(model, ctx_ids, cfg)
+    answer, imp = oracle_importance(model, cache, probe, q_ids, cfg, max_answer, stop_token)
+    return cache, probe, answer, imp
+
+
+SCORERS = ["snapkv", "keydiff", "knorm", "streaming", "expected_attention", "oracle"]
 
 
 def scores_for(name, cache, probe, imp, cfg):
@@ -171,6 +283,7 @@ def scores_for(name, cache, probe, imp, cfg):
     L, H, T = imp.shape
     raw = {"snapkv": lambda: snapkv_scores(probe, cfg), "keydiff": lambda: keydiff_scores(cache),
            "knorm": lambda: knorm_scores(cache), "streaming": lambda: streaming_scores(L, H, T),
+           "expected_attention": lambda: expected_attention_scores(cache, probe, cfg),
            "oracle": lambda: imp.clone()}
     if name not in raw:
         raise ValueError(f"unknown scorer {name!r}; expected one of {list(raw)}")
@@ -182,6 +295,13 @@ def scores_for(name, cache, probe, imp, cfg):
 
 # -----------------------------------------------------------------------------
 # 3-4. one head's loss curve and its convex relaxation
+#
+# from here to largest_remainder the solver is numpy only, with plain integer arguments (floors,
+# n_protected_total): copy it into another code base as it is. head_curves and context_table at
+# the end of the solver bridge from this project's (L, H, T) tensors and LUKVConfig.
+# shapes: N heads (every (layer, kv head) pair, flattened), n_h evictable tokens of head h, so a
+# curve is (n_h + 1,); P points of all curves laid end to end; S hull segments of all heads;
+# R ratio rows.
 
 
 def loss_curve(order_scores, utility, n_protected=0):
@@ -206,18 +326,40 @@ def loss_curve(order_scores, utility, n_protected=0):
     return np.concatenate([[0.0], np.cumsum(utility[evictable])])  # (T - n_protected + 1,)
 
 
+def exact_grid(curves):
+    """Equal-length curves (N, m), each rounded onto a grid where the subtraction of any two of its values is exact.
+
+    A curve is rounded to a multiple of a power of two: the float spacing at its largest |value|
+    (twice that when the curve changes sign). Then every difference of two of its values is a
+    float, and every hull slope (y_b - y_a) / (b - a) is the true slope, rounded once. Why it
+    matters: rounding is monotone, so a steeper true slope never gets a smaller stored slope,
+    and then the lower hull is the same whichever order its points are visited in (hull_segments
+    relies on it). A value moves by at most one unit in the last place of the largest |value|."""
+    curves = np.asarray(curves, float)
+    low, high = curves.min(axis=1), curves.max(axis=1)  # (N,) each
+    # every |difference| within a curve is below 2**exponent
+    exponent = np.frexp(np.maximum(-low, high))[1] + ((low < 0) & (high > 0))  # (N,)
+    step = np.ldexp(1.0, np.maximum(exponent - 53, -1074))[:, None]  # (N, 1) a power of two
+    on_grid = np.divide(curves, step)  # (N, m) exact, and below 2**53 in magnitude
+    np.rint(on_grid, out=on_grid)
+    on_grid *= step
+    return on_grid
+
+
 def lower_convex_hull(curve):
     """Lower convex hull of the points (i, curve[i]), evaluated at every integer i.
 
     Returns hull (n+1,) and slopes (n,), where slopes[i] is the slope of the hull segment that
-    contains the step i -> i+1. Every step of a segment gets the segment's exact slope
-    (y_end - y_start) / (x_end - x_start), so equal slopes mean the same segment and the
-    slopes strictly increase from one segment to the next."""
+    contains the step i -> i+1. Every step of a segment gets the segment's one slope
+    (y_end - y_start) / (x_end - x_start), taken on the curve's exact grid (exact_grid), so
+    equal slopes mean the same segment and the slopes strictly increase from one segment to
+    the next."""
     curve = np.asarray(curve, float)
     n = len(curve) - 1
+    y = exact_grid(curve[None])[0]  # (n+1,) the curve on its exact grid: slopes are rounded once
 
     def slope(a, b):
-        return (curve[b] - curve[a]) / (b - a)
+        return (y[b] - y[a]) / (b - a)
 
     # monotone chain, left to right. the pop test compares the very slopes stored below, so
     # float rounding can never leave a stored slope smaller than the one before it.
@@ -254,6 +396,107 @@ def pava_slopes(increments):
     return np.concatenate([np.full(c, s / c) for s, c in blocks]) if blocks else np.empty(0)
 
 
+def _prune_wrong_turns(curves, chain_below):
+    """Delete points of equal-length curves (N, m) that turn the wrong way, all rows at once.
+
+    Returns point (P,) (flat positions row * m + token of the survivors), their grid values y
+    (P,), and whether the last pass still deleted some (then the chain must finish the job).
+    Every pass deletes each point whose slope from its left neighbour is >= its slope to its
+    right one; it stops when a pass deletes none (the survivors are the hull) or fewer than
+    chain_below of them (the chain is quicker then). The first and last point of a row always
+    stay, so an inner point's neighbours are in its own row."""
+    N, m = curves.shape
+    y = exact_grid(curves)  # (N, m)
+    # the first pass runs on whole rows, where every step is one token wide: its slopes are the
+    # increments themselves (a division by 1, bit for bit)
+    increments = y[:, 1:] - y[:, :-1]  # (N, m-1)
+    keep = np.ones((N, m), dtype=bool)
+    np.less(increments[:, :-1], increments[:, 1:], out=keep[:, 1:-1])  # (N, m-2) right turns
+    point = np.flatnonzero(keep)  # (P,)
+    n_deleted, y = keep.size - len(point), y.ravel()[point]
+    row_starts = np.arange(N) * m  # (N,) flat position of each row's first point
+    while n_deleted > 0 and n_deleted >= chain_below * len(point):
+        slope = (y[1:] - y[:-1]) / (point[1:] - point[:-1])  # (P-1,) from each point to the next
+        keep = np.ones(len(point), dtype=bool)
+        np.less(slope[:-1], slope[1:], out=keep[1:-1])
+        keep[np.searchsorted(point, row_starts)] = True  # the ends of every row stay
+        keep[np.searchsorted(point, row_starts + m - 1)] = True
+        survivors = np.flatnonzero(keep)
+        n_deleted = len(point) - len(survivors)
+        y, point = y[survivors], point[survivors]
+    return point, y, n_deleted > 0
+
+
+def _chain(row, point, y, n_rows):
+    """The monotone chain over the points (P,) of n_rows rows (row by row, left to right), all rows
+    in lockstep: each round every unfinished row either pops its top or pushes its next point.
+    Returns the indices (V,) of the points left on the stacks, the corners."""
+    first = np.searchsorted(row, np.arange(n_rows))  # (n_rows,) first point of each row
+    last = np.searchsorted(row, np.arange(n_rows), side="right") - 1  # (n_rows,) and its last
+    stack = np.empty(len(point), dtype=np.int64)  # row r's stack: stack[first[r] : first[r] + size[r]]
+    stack_slope = np.empty(len(point))  # slope of the segment that ends at each stack entry
+    stack[first], size, nxt = first, np.ones(n_rows, dtype=np.int64), first + 1
+    active = np.flatnonzero(nxt <= last)  # (A,) rows with points left
+    while len(active):
+        top = first[active] + size[active] - 1  # (A,) stack slot of each top
+        new = nxt[active]  # (A,) each row's next point
+        new_slope = (y[new] - y[stack[top]]) / (point[new] - point[stack[top]])  # (A,)
+        pop = (size[active] >= 2) & (stack_slope[top] >= new_slope)  # lower_convex_hull's test
+        size[active[pop]] -= 1
+        push, slot = active[~pop], top[~pop] + 1
+        stack[slot], stack_slope[slot] = new[~pop], new_slope[~pop]
+        size[push] += 1
+        nxt[push] += 1
+        active = active[nxt[active] <= last[active]]
+    return stack[np.arange(len(point)) - first[row] < size[row]]  # (V,)
+
+
+def _hull_corners(curves, chain_below):
+    """Hull corners of equal-length curves (N, m): row, token index and grid value of each, (V,) each, row by row."""
+    N, m = curves.shape
+    rows = max(1, 2**19 // m)  # rows per chunk: about half a million points, which stay in cache
+    parts = [_prune_wrong_turns(curves[r : r + rows], chain_below) for r in range(0, N, rows)]
+    point = np.concatenate([part[0] + r * m for part, r in zip(parts, range(0, N, rows))])  # (P,)
+    y = np.concatenate([part[1] for part in parts])  # (P,)
+    row = point // m  # (P,)
+    if any(part[2] for part in parts):  # points may be left to delete: the chain finishes
+        corner = _chain(row, point, y, N)  # (V,)
+        row, point, y = row[corner], point[corner], y[corner]
+    return row, point - row * m, y
+
+
+def hull_segments(curves, chain_below=1 / 8):
+    """The lower convex hulls of N curves at once (lower_convex_hull's fast twin), as segments.
+
+    Returns head, start, end (int64) and slope (float64), each (S,): segment i is head[i]'s hull
+    from token start[i] to end[i]; heads in order, each head's segments left to right. The
+    corners and the bits of every slope are lower_convex_hull's.
+    Why two algorithms agree bit for bit: on the exact grid a stored slope is the true slope
+    rounded once, and rounding never reverses an order. Then a point that fails the turn test
+    slope(p, j) >= slope(j, q) for any points p < j < q is never a corner, and once the
+    survivors' slopes strictly increase none is left to delete: every order of deletions ends
+    at the same corners (results/SOLVER.md has the proof). The monotone chain is one order;
+    _hull_corners takes another that numpy runs fast: passes that delete every wrong turn at
+    once, then, when a pass deletes fewer than chain_below of the points, the chain over the
+    rest (any chain_below gives the same corners; only the time changes)."""
+    lengths = np.array([len(c) for c in curves], dtype=np.int64)  # (N,) n_h + 1 points each
+    parts = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))]  # (no heads: no segments)
+    for m in np.unique(lengths):  # equal-length heads together (a profile has one length)
+        heads = np.flatnonzero(lengths == m)
+        if len(heads) == len(curves) and isinstance(curves, np.ndarray):
+            block = curves  # (N, m) already one array
+        else:
+            block = np.stack([np.asarray(curves[h], float) for h in heads])  # (N_m, m)
+        row, x, y = _hull_corners(block, chain_below)
+        parts.append((heads[row], x, y))
+    head, x, y = (np.concatenate(p) for p in zip(*parts))  # (V,) each
+    by_head = np.argsort(head, kind="stable")  # heads in order, each one's corners left to right
+    head, x, y = head[by_head], x[by_head], y[by_head]
+    a = np.flatnonzero(head[1:] == head[:-1])  # (S,) consecutive corners of one head bound a segment
+    slope = (y[a + 1] - y[a]) / (x[a + 1] - x[a])  # (S,) lower_convex_hull's formula
+    return head[a], x[a], x[a + 1], slope
+
+
 # -----------------------------------------------------------------------------
 # 5. the global greedy over all heads
 
@@ -265,7 +508,6 @@ def _check_curves(curves, floors):
         raise ValueError(f"expected one floor per head, shape ({len(curves)},), got {floors.shape}")
     if not np.issubdtype(floors.dtype, np.integer):
         raise ValueError(f"expected integer floors (tokens each head keeps), got dtype {floors.dtype}")
-    reachable = []
     for h, (curve, floor) in enumerate(zip(curves, floors)):
         curve = np.asarray(curve, float)
         if curve.ndim != 1 or len(curve) == 0:
@@ -277,10 +519,12 @@ def _check_curves(curves, floors):
         if floor > len(curve) - 1:
             raise ValueError(f"floors[{h}] = {floor} exceeds head {h}'s {len(curve) - 1} "
                              "evictable tokens; lower the floor")
-        # the floor caps evictions at T - floor; the hull is taken over that reachable part so
-        # that a head stopped by its floor always stops on a hull vertex
-        reachable.append(curve[: len(curve) - floor])
-    return floors.astype(np.int64), reachable
+    # the floor caps evictions at T - floor; the hull is taken over that reachable part so that a
+    # head stopped by its floor always stops on a hull vertex. curves (N, T+1) in one array with
+    # one floor stay one array, (N, T+1-floor), which the fast hull takes as it is.
+    if isinstance(curves, np.ndarray) and curves.ndim == 2 and len(floors) and (floors == floors[0]).all():
+        return floors.astype(np.int64), np.asarray(curves, float)[:, : curves.shape[1] - floors[0]]
+    return floors.astype(np.int64), [np.asarray(c, float)[: len(c) - f] for c, f in zip(curves, floors)]
 
 
 def _check_total(total_evict, reachable):
@@ -290,13 +534,19 @@ def _check_total(total_evict, reachable):
                          f"evict, sum of T_h - floor_h), got {total_evict}")
 
 
+def _check_method(method):
+    if method not in ("fast", "heap"):
+        raise ValueError(f"expected method 'fast' (sorted hull segments) or 'heap' (the readable min-heap), "
+                         f"got {method!r}")
+
+
 def _greedy_order(reachable):
-    """Head index of every eviction, in the order the greedy makes them: (sum of T_h - floor_h,)."""
+    """The readable greedy: head index of every eviction in order, (sum of T_h - floor_h,), by a min-heap."""
     slopes = [lower_convex_hull(c)[1] for c in reachable]
-    evicted = np.zeros(len(reachable), dtype=np.int64)
+    n_evict = np.zeros(len(reachable), dtype=np.int64)  # (N,) evictions made so far
 
     def key(h):
-        e = evicted[h]
+        e = n_evict[h]
         # equal stored slopes <=> same hull segment (see lower_convex_hull)
         mid_segment = e > 0 and slopes[h][e] == slopes[h][e - 1]
         # on equal slopes a head already inside a segment goes first, so at most one head ever
@@ -310,43 +560,81 @@ def _greedy_order(reachable):
     order = []
     while heap:
         h = heapq.heappop(heap)[2]
-        evicted[h] += 1
+        n_evict[h] += 1
         order.append(h)
-        if evicted[h] < len(slopes[h]):
+        if n_evict[h] < len(slopes[h]):
             heapq.heappush(heap, key(h))
     return np.array(order, dtype=np.int64)
 
 
-def greedy_evictions(curves, floors, total_evict):
-    """Tokens evicted per head, (H,), when total_evict evictions go one at a time to the lowest hull slope."""
+def _greedy_segments(reachable):
+    """The fast greedy: whole hull segments in the heap's eviction order, as head, start, end (S,) each.
+
+    Why a sort gives the heap's order: a head's slopes rise from segment to segment, and once a
+    head enters a segment it finishes it first (the mid-segment rule). So the heap merges the
+    heads' segment lists by (slope, head), which is a stable sort of all segments by slope when
+    they are laid out head by head. np.repeat(head, end - start) is _greedy_order's output."""
+    head, start, end, slope = hull_segments(reachable)  # (S,) each, head by head, left to right
+    order = np.argsort(slope, kind="stable")  # equal slopes keep head order: the lower head first
+    return head[order], start[order], end[order]
+
+
+def _n_evict_after(segments, totals, n_heads):
+    """Per-head evictions (R, N) once the first totals[r] evictions of the segment order are made."""
+    head, start, end = segments  # (S,) each, in eviction order
+    done_after = np.cumsum(end - start)  # (S,) evictions made once each segment is finished
+    table = np.zeros((len(totals), n_heads), dtype=np.int64)  # (R, N)
+    n_evict, finished = np.zeros(n_heads, dtype=np.int64), 0  # (N,) after the finished segments
+    for r, total in enumerate(totals):  # totals never decrease: each row starts from the one before
+        k = int(np.searchsorted(done_after, total, side="right"))  # segments finished within total
+        np.maximum.at(n_evict, head[finished:k], end[finished:k])  # a head's later segment ends further right
+        finished = k
+        table[r] = n_evict
+        if k < len(head):  # segment k is under way: its head is part of the way from start to end
+            table[r, head[k]] = start[k] + total - (done_after[k - 1] if k > 0 else 0)
+    return table
+
+
+def greedy_evictions(curves, floors, total_evict, method="fast"):
+    """Tokens evicted per head, n_evict (N,), when total_evict evictions go one at a time to the lowest hull slope.
+
+    method "fast" sorts hull segments (hull_segments, _greedy_segments); "heap" is the readable
+    min-heap over lower_convex_hull's slopes (_greedy_order). Both give identical results."""
+    _check_method(method)
     floors, reachable = _check_curves(curves, floors)
     _check_total(total_evict, reachable)
-    order = _greedy_order(reachable)
-    return np.bincount(order[:total_evict], minlength=len(curves))  # (H,)
+    if method == "heap":
+        return np.bincount(_greedy_order(reachable)[:total_evict], minlength=len(curves))  # (N,)
+    return _n_evict_after(_greedy_segments(reachable), [total_evict], len(curves))[0]  # (N,)
 
 
-def greedy_budget_table(curves, floors, n_ratios=99, n_protected_total=0):
-    """The paper's one-pass sweep: evicted (n_ratios, H), row r-1 = per-head evictions at ratio r/(n_ratios+1).
+def greedy_budget_table(curves, floors, n_ratios=99, n_protected_total=0, method="fast"):
+    """The paper's one-pass sweep: n_evict (n_ratios, N), row r-1 = per-head evictions at ratio r/(n_ratios+1).
 
     curves are the heads' curves over evictable tokens only. The ratio counts over all tokens,
-    N = sum(T_h) + n_protected_total (pass the protected sink + window count to match the
-    paper), and row r-1 evicts round_half_up(r / (n_ratios+1) * N) tokens in total. Once every
-    token above the floors is gone, the remaining rows repeat that last state."""
+    n_tokens = sum(T_h) + n_protected_total (pass the protected sink + window count to match the
+    paper), and row r-1 evicts round_half_up(r / (n_ratios+1) * n_tokens) tokens in total. Once
+    every token above the floors is gone, the remaining rows repeat that last state. method as
+    in greedy_evictions."""
+    _check_method(method)
     floors, reachable = _check_curves(curves, floors)
     if n_ratios < 1 or n_protected_total < 0:
         raise ValueError(f"expected n_ratios >= 1 and n_protected_total >= 0, "
                          f"got {n_ratios} and {n_protected_total}")
-    order = _greedy_order(reachable)
     n_tokens = sum(len(c) - 1 for c in curves) + n_protected_total
+    limit = sum(len(c) - 1 for c in reachable)  # what the floors allow
     denominator = n_ratios + 1
-    evicted = np.zeros((n_ratios, len(curves)), dtype=np.int64)  # (R, H)
-    counts, done = np.zeros(len(curves), dtype=np.int64), 0
-    for r in range(1, n_ratios + 1):
-        # integer round-half-up of r / denominator * n_tokens, no float ties to worry about
-        target = min((2 * r * n_tokens + denominator) // (2 * denominator), len(order))
-        counts += np.bincount(order[done:target], minlength=len(curves))
-        evicted[r - 1], done = counts, target
-    return evicted
+    # integer round-half-up of r / denominator * n_tokens, no float ties to worry about
+    totals = [min((2 * r * n_tokens + denominator) // (2 * denominator), limit) for r in range(1, n_ratios + 1)]
+    if method == "fast":
+        return _n_evict_after(_greedy_segments(reachable), totals, len(curves))  # (R, N)
+    order = _greedy_order(reachable)
+    table = np.zeros((n_ratios, len(curves)), dtype=np.int64)  # (R, N)
+    n_evict, done = np.zeros(len(curves), dtype=np.int64), 0
+    for r, total in enumerate(totals):
+        n_evict += np.bincount(order[done:total], minlength=len(curves))
+        table[r], done = n_evict, total
+    return table
 
 
 # -----------------------------------------------------------------------------
@@ -356,8 +644,8 @@ def greedy_budget_table(curves, floors, n_ratios=99, n_protected_total=0):
 def dp_exact(curves, floors, total_evict):
     """Exact minimum of sum_h curve_h[e_h] with sum e_h = total_evict, e_h <= T_h - floor_h.
 
-    Knapsack over heads on the true (non-convex) curves, O(H * total * T). Small instances only:
-    it is the reader's reference for the greedy. Returns (min_loss, evictions (H,)); among equal
+    Knapsack over heads on the true (non-convex) curves, O(N * total * T). Small instances only:
+    it is the reader's reference for the greedy. Returns (min_loss, n_evict (N,)); among equal
     optima the last head evicts as few tokens as it can, then the one before it, and so on."""
     floors, reachable = _check_curves(curves, floors)
     _check_total(total_evict, reachable)
@@ -372,23 +660,23 @@ def dp_exact(curves, floors, total_evict):
             new[e:][better], choice[e:][better] = candidate[better], e
         best = new
         choices.append(choice)
-    evictions, remaining = np.zeros(len(curves), dtype=np.int64), total_evict
+    n_evict, remaining = np.zeros(len(curves), dtype=np.int64), total_evict
     for h in reversed(range(len(curves))):
-        evictions[h] = choices[h][remaining]
-        remaining -= evictions[h]
-    return float(best[total_evict]), evictions
+        n_evict[h] = choices[h][remaining]
+        remaining -= n_evict[h]
+    return float(best[total_evict]), n_evict
 
 
-def true_loss(curves, evictions):
-    """Sum over heads of curve_h[e_h]: the utility actually lost."""
-    return float(sum(np.asarray(c, float)[e] for c, e in zip(curves, evictions)))
+def true_loss(curves, n_evict):
+    """Sum over heads of curve_h[n_evict_h]: the utility actually lost."""
+    return float(sum(np.asarray(c, float)[e] for c, e in zip(curves, n_evict)))
 
 
-def relaxed_loss(curves, evictions, floors=None):
-    """Sum over heads of hull_h[e_h], with the hull of the floor-reachable part (as the greedy uses)."""
+def relaxed_loss(curves, n_evict, floors=None):
+    """Sum over heads of hull_h[n_evict_h], with the hull of the floor-reachable part (as the greedy uses)."""
     floors = np.zeros(len(curves), dtype=np.int64) if floors is None else floors
     _, reachable = _check_curves(curves, floors)
-    return float(sum(lower_convex_hull(c)[0][e] for c, e in zip(reachable, evictions)))
+    return float(sum(lower_convex_hull(c)[0][e] for c, e in zip(reachable, n_evict)))
 
 
 # -----------------------------------------------------------------------------
@@ -396,13 +684,14 @@ def relaxed_loss(curves, evictions, floors=None):
 
 
 def largest_remainder(shares, total, minimum=None, maximum=None):
-    """Round non-negative shares (H,) summing to total into int counts (H,) summing exactly to total.
+    """Round non-negative shares (N,) summing to total into integers (N,) summing exactly to total.
 
     Every head gets floor(share), then the leftover units go to the largest fractional parts,
-    ties to the lower index; so |count - share| < 1. Bounds come after: counts are clipped to
-    [minimum, maximum] and the sum is repaired one unit at a time, taking from (giving to) the
-    head furthest above (below) its share that still may move, ties to the lower index. A head
-    pinned by a bound may then sit a unit or more from its share; that is the price of the bound."""
+    ties to the lower index; so |rounded - share| < 1. Bounds come after: the integers are
+    clipped to [minimum, maximum] and the sum is repaired one unit at a time, taking from
+    (giving to) the head furthest above (below) its share that still may move, ties to the lower
+    index. A head pinned by a bound may then sit a unit or more from its share; that is the price
+    of the bound."""
     shares = np.asarray(shares, float)
     if shares.ndim != 1 or not np.isfinite(shares).all() or (shares < 0).any():
         raise ValueError(f"expected finite non-negative shares of shape (H,), got {shares}")
@@ -414,18 +703,18 @@ def largest_remainder(shares, total, minimum=None, maximum=None):
     if abs(shares.sum() - total) > 1e-6 * max(1.0, total):
         raise ValueError(f"shares sum to {shares.sum()}, expected total = {total}")
 
-    counts = np.floor(shares).astype(np.int64)
-    leftover = int(total - counts.sum())  # in [0, H] when shares sum to total
-    by_remainder = np.lexsort((np.arange(len(shares)), -(shares - counts)))  # largest first
-    counts[by_remainder[: max(leftover, 0)]] += 1
-    counts = np.clip(counts, minimum, maximum)
-    while counts.sum() != total:
-        if counts.sum() < total:
-            excess = np.where(counts < maximum, shares - counts, -np.inf)
+    rounded = np.floor(shares).astype(np.int64)  # (N,)
+    leftover = int(total - rounded.sum())  # in [0, N] when shares sum to total
+    by_remainder = np.lexsort((np.arange(len(shares)), -(shares - rounded)))  # largest first
+    rounded[by_remainder[: max(leftover, 0)]] += 1
+    rounded = np.clip(rounded, minimum, maximum)
+    while rounded.sum() != total:
+        if rounded.sum() < total:
+            excess = np.where(rounded < maximum, shares - rounded, -np.inf)
         else:
-            excess = np.where(counts > minimum, counts - shares, -np.inf)
-        counts[np.argmax(excess)] += 1 if counts.sum() < total else -1  # argmax: first of ties
-    return counts
+            excess = np.where(rounded > minimum, rounded - shares, -np.inf)
+        rounded[np.argmax(excess)] += 1 if rounded.sum() < total else -1  # argmax: first of ties
+    return rounded
 
 
 # -----------------------------------------------------------------------------
@@ -434,32 +723,76 @@ def largest_remainder(shares, total, minimum=None, maximum=None):
 RATIOS = np.arange(1, 100) / 100  # row r-1 of a table is global compression r% (kvpress LUKVPress)
 
 
+def _stable_argsort(order_scores):
+    """np.argsort(order_scores, axis=1, kind="stable") of (N, n) scores, about 3x faster for float32 ones.
+
+    A stable sort is a sort of (score, index) pairs, and for float32 scores a pair fits in one
+    uint64: the score's bits made order-preserving (a negative's bits flipped, a positive's sign
+    bit set) above the index. numpy sorts integers with vector instructions."""
+    if order_scores.dtype != np.float32 or order_scores.shape[1] >= 2**32:
+        return np.argsort(order_scores, axis=1, kind="stable")
+    bits = (order_scores + np.float32(0.0)).view(np.uint32)  # (N, n); + 0.0 makes -0.0 tie with 0.0
+    key = np.where(bits >> 31 == 1, ~bits, bits | np.uint32(1 << 31)).astype(np.uint64) << np.uint64(32)
+    key |= np.arange(order_scores.shape[1], dtype=np.uint64)  # (N, n) score, then index
+    key.sort(axis=1)
+    return (key & np.uint64(2**32 - 1)).astype(np.int64)  # (N, n)
+
+
 def head_curves(imp, scores, cfg):
-    """Loss curves (evictable tokens only) and greedy floors of every head, in (l, h) order."""
+    """Loss curves (N, n+1) over the evictable tokens, greedy floors (N,) and protected tokens per head, N = L * H.
+
+    The bridge from this project to the numpy solver above: imp and scores are (L, H, T) (torch
+    or numpy), cfg gives the integers sink, window and floor(T). Row l * H + h is
+    loss_curve(scores[l, h, sink:T-window], imp[l, h, sink:T-window]), all rows at once."""
     L, H, T = imp.shape
     lo, hi = cfg.sink, max(cfg.sink, T - cfg.window)  # tokens [lo, hi) may be evicted
     floor = max(0, cfg.floor(T) - (T - (hi - lo)))  # evictable tokens each head keeps
-    curves = [loss_curve(scores[l, h, lo:hi].numpy(), imp[l, h, lo:hi].numpy()) for l in range(L) for h in range(H)]
-    floors = np.full(L * H, min(floor, hi - lo), dtype=np.int64)
+    utility = np.asarray(imp).reshape(L * H, T)[:, lo:hi]  # (N, n)
+    order_scores = np.asarray(scores).reshape(L * H, T)[:, lo:hi]  # (N, n)
+    if not np.isfinite(utility).all() or np.isnan(order_scores).any():
+        raise ValueError("expected finite utility and non-NaN scores (+inf marks protected tokens)")
+    order = _stable_argsort(order_scores)  # (N, n) loss_curve's order in every row
+    curves = np.zeros((L * H, utility.shape[1] + 1))  # (N, n+1)
+    # summed in float64 like loss_curve's (widening each value first is exact)
+    np.cumsum(np.take_along_axis(utility, order, axis=1), axis=1, dtype=np.float64, out=curves[:, 1:])
+    floors = np.full(L * H, min(floor, hi - lo), dtype=np.int64)  # (N,)
     return curves, floors, T - (hi - lo)
 
 
-def context_table(imp, scores, cfg):
-    """The paper's sweep on one context: prune ratio of every head at ratios 1..99%, (99, L, H)."""
+def context_table(imp, scores, cfg, method="fast"):
+    """The paper's sweep on one context: prune_ratio (99, L, H) of every head at ratios 1..99%.
+
+    method "fast" (sorted hull segments) or "heap" (the readable min-heap): identical tables."""
     L, H, T = imp.shape
     curves, floors, n_protected = head_curves(imp, scores, cfg)
-    evicted = greedy_budget_table(curves, floors, len(RATIOS), n_protected_total=L * H * n_protected)  # (99, L*H)
-    return evicted.reshape(len(RATIOS), L, H) / T
+    n_evict = greedy_budget_table(curves, floors, len(RATIOS), n_protected_total=L * H * n_protected,
+                                  method=method)  # (99, L*H)
+    return n_evict.reshape(len(RATIOS), L, H) / T
+
+
+@torch.no_grad()
+def calibration_tables(model, ctx_ids, questions, scorers, cfg, stop_token, keep=None):
+    """{scorer: [(99, L, H) per question]} for one calibration context and its questions (token ids).
+
+    As in the paper: the scorer sees the context without the question; the oracle's future is
+    the question plus the model's own answer. One prefill serves every question. keep(i, answer)
+    may drop question i by its answer (ours: only the questions the model answers right)."""
+    cache, probe = prefill(model, ctx_ids, cfg)
+    tables = {s: [] for s in scorers}
+    for i, q_ids in enumerate(questions):
+        answer, imp = oracle_importance(model, cache, probe, q_ids, cfg, cfg.horizon, stop_token)
+        if keep is None or keep(i, answer):
+            for s in scorers:
+                tables[s].append(context_table(imp, scores_for(s, cache, probe, imp, cfg), cfg))
+    return tables
 
 
 @torch.no_grad()
 def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length=1024, seed=0, log=progress):
     """Average the per-(context, question) tables over calibration prose with questions (tasks 'qa').
 
-    As in the paper: the scorer sees the context without the question; the oracle's future is
-    the question plus the model's own answer. Calibration seeds never meet evaluation seeds.
-    cfg.correct_only (ours) drops the questions the model answers wrong: their futures attend to
-    the wrong facts. Returns {scorer: (99, L, H) mean prune ratios}.
+    Calibration seeds never meet evaluation seeds. cfg.correct_only (ours) drops the questions the
+    model answers wrong: their futures attend to the wrong facts. Returns {scorer: (99, L, H)}.
     """
     rng = random.Random(f"calibration-{seed}")
     # the answers are short: with the stop token the future is the question plus the answer, and a
@@ -468,13 +801,11 @@ def build_profile(model, enc, scorers, cfg, n_contexts=16, n_questions=8, length
     tables, t0 = {s: [] for s in scorers}, time.time()
     for i in range(n_contexts):
         ex = tasks.make_example("qa", rng, length, n_questions)
-        ctx_ids = enc.encode_ordinary(ex.context)
-        for q, a in ex.qa:
-            cache, probe, answer, imp = run_full(model, ctx_ids, enc.encode_ordinary(q), cfg, cfg.horizon, stop)
-            if cfg.correct_only and not tasks.exact_match("qa", enc.decode(answer).split("\n")[0], a):
-                continue
-            for s in scorers:
-                tables[s].append(context_table(imp, scores_for(s, cache, probe, imp, cfg), cfg))
+        right = lambda j, answer: tasks.exact_match("qa", enc.decode(answer).split("\n")[0], ex.qa[j][1])  # noqa
+        got = calibration_tables(model, enc.encode_ordinary(ex.context), [enc.encode_ordinary(q) for q, _ in ex.qa],
+                                 scorers, cfg, stop, right if cfg.correct_only else None)
+        for s in scorers:
+            tables[s] += got[s]
         log(i + 1, n_contexts, f"profile {','.join(scorers)}: context {i + 1}/{n_contexts} "
             f"({len(tables[scorers[0]])} (context, question) tables, {time.time() - t0:.0f} s)")
     if not tables[scorers[0]]:
@@ -498,7 +829,8 @@ def file_id(path):
 def profile_meta(scorer, model_id, cfg, **extra):
     """What a profile's sidecar records: who it belongs to and how it was made (refused if they differ)."""
     return {"scorer": scorer, "model": model_id, "sink": cfg.sink, "window": cfg.window, "min_share": cfg.min_share,
-            "snap_window": cfg.snap_window, "snap_kernel": cfg.snap_kernel,
+            "snap_window": cfg.snap_window, "snap_kernel": cfg.snap_kernel, "snap_pool": cfg.snap_pool,
+            "ea_epsilon": cfg.ea_epsilon, "ea_future": cfg.ea_future,
             "layout": "[99, n_layer, n_kv_head] prune ratios; row round(100 * ratio) - 1 (kvpress LUKVPress)",
             **extra}
 
@@ -541,6 +873,14 @@ def load_profile(path, scorer, model_id, shape, cfg):
         raise ValueError(f"profile {path} was made with SnapKV window {meta.get('snap_window')}, not "
                          f"{cfg.snap_window}; pass --snap-window {meta.get('snap_window')} or rebuild it "
                          f"with --profile --snap-window {cfg.snap_window}")
+    if scorer == "snapkv" and meta.get("snap_pool", "max") != cfg.snap_pool:  # older profiles: max-pooled
+        raise ValueError(f"profile {path} was made with SnapKV {meta.get('snap_pool', 'max')} pooling, not "
+                         f"{cfg.snap_pool}; pass the matching pooling or rebuild it with --profile --scorer snapkv")
+    if scorer == "expected_attention" and (meta.get("ea_epsilon"), meta.get("ea_future")) != \
+            (cfg.ea_epsilon, cfg.ea_future):
+        raise ValueError(f"profile {path} was made with Expected Attention epsilon {meta.get('ea_epsilon')} and "
+                         f"{meta.get('ea_future')} future positions, not {cfg.ea_epsilon} and {cfg.ea_future}; "
+                         f"rebuild it with --profile --scorer expected_attention")
     return table, meta
 
 
@@ -553,41 +893,95 @@ def check_ratio(ratio):
         raise ValueError(f"compression ratio must lie in [0, 1) (0.8 = evict 80%), got {ratio!r}")
 
 
-def counts_from_shares(shares, ratio, T, cfg):
-    """Scale per-head shares (L, H) to keep round((1 - ratio) * L * H * T) tokens exactly."""
-    L, H = shares.shape
-    total = round((1 - ratio) * L * H * T)
-    floor = cfg.floor(T)
-    if total < L * H * floor:
-        raise ValueError(f"ratio {ratio} keeps {total} tokens, below the floor of {floor} per head x {L * H} "
+def kept_total(n_heads, ratio, T, cfg):
+    """Tokens n_heads heads of T tokens keep in all at a ratio (keep_count: integers), refused below the floors."""
+    total, floor = keep_count(n_heads * T, ratio), cfg.floor(T)
+    if total < n_heads * floor:
+        raise ValueError(f"ratio {ratio} keeps {total} tokens, below the floor of {floor} per head x {n_heads} "
                          f"heads (sink {cfg.sink} + window {cfg.window} + {cfg.min_share:.0%}); lower the ratio")
+    return total
+
+
+def counts_from_shares(shares, ratio, T, cfg):
+    """Scale per-head shares (L, H) to keep keep_count(L * H * T, ratio) tokens exactly, each head at
+    least its floor: largest-remainder rounding, so integer shares that already sum to it come back unchanged."""
+    L, H = shares.shape
+    total = kept_total(L * H, ratio, T, cfg)
     shares = np.asarray(shares, float) * total / max(float(np.sum(shares)), 1e-30)
-    counts = largest_remainder(shares.ravel(), total, minimum=np.full(L * H, floor), maximum=np.full(L * H, T))
+    counts = largest_remainder(shares.ravel(), total, minimum=np.full(L * H, cfg.floor(T)), maximum=np.full(L * H, T))
     return counts.reshape(L, H)
 
 
-def pyramid_shares(L, H, T, ratio, beta=20):
-    """PyramidKV: budgets fall linearly from the first layer to the last (beta sets the slope)."""
-    k_avg = (1 - ratio) * T
-    k_min = k_avg / beta
-    k_max = 2 * k_avg - k_min
-    per_layer = k_max - (k_max - k_min) * np.arange(L) / max(1, L - 1)  # (L,)
-    return np.repeat(per_layer[:, None], H, axis=1)
+def pyramid_layer_budgets(L, T, capacity, window, beta=20):
+    """PyramidKV's per-layer budgets (L,): tokens each head of layer l keeps *before* the window, which
+    comes on top. Integer arithmetic as in KVCache-Factory's PyramidKVCluster.
+
+    capacity is what a head keeps on average, window included (the original's max_capacity_prompt), so
+    the budgets average base = capacity - window. The first layer keeps max_num = 2 base - base // beta,
+    the last min_num = base // beta, in equal steps (max_num - min_num) // (L - 1). max_num is capped at
+    the T - window tokens before the window (min_num = 2 base - max_num then keeps the average), and a
+    context shorter than 2 base (compression under about 50%) keeps base in every layer, as there."""
+    base = max(0, capacity - window)
+    if T < 2 * base or L == 1:
+        return np.full(L, base, dtype=np.int64)
+    min_num = base // beta
+    max_num = 2 * base - min_num
+    if max_num >= T - window:
+        max_num = T - window
+        min_num = 2 * base - max_num
+    steps = (max_num - min_num) // (L - 1)
+    return max_num - steps * np.arange(L, dtype=np.int64)
 
 
-def adakv_counts(scores, ratio, cfg, alpha=0.2):
-    """AdaKV: each layer keeps (1 - ratio) * H * T tokens, each head a floor of alpha of the
-    uniform share, and the rest goes to the layer's highest scores pooled across its heads."""
+def pyramid_shares(L, H, T, ratio, cfg):
+    """PyramidKV's per-head shares (L, H): its layer budgets at this ratio plus the window on top.
+
+    Ours differ from the original in two named ways: the capacity is keep_count(T, ratio), so the
+    window sits inside the ratio's budget like every allocator's, and counts_from_shares rescales the
+    shares to the exact total (its floored steps keep up to L (L - 1) / 2 more tokens per head) and
+    lifts heads to their floor. kvpress's PyramidKVPress puts its window inside the layer budget and
+    falls back to uniform whenever (1 - ratio) T / beta < its window; ours never does."""
+    window = min(cfg.window, T)
+    budgets = pyramid_layer_budgets(L, T, keep_count(T, ratio), window, cfg.pyramid_beta) + window  # (L,)
+    return np.repeat(budgets[:, None], H, axis=1).astype(float)
+
+
+def adakv_counts(scores, ratio, cfg):
+    """AdaKV (Feng et al.): in every layer the heads share the layer's budget by their scores.
+
+    cfg.adakv_blend = "original" (FFY0/AdaKV AdaptiveSnapKVCluster): each head's budget before the window
+    is B (its uniform share); the layer's top H * B scores before the windows, pooled over its heads,
+    give head h a count c_h; head h keeps c_h (1 - alpha) + alpha B tokens there, and its window on
+    top. The original floors alpha B and rounds each head (torch.round), which leaves the layer's total
+    a few tokens off; ours rounds the layer jointly (largest remainder) so every allocator keeps the
+    same total: the two agree whenever alpha B is an integer and the per-head rounds add up.
+    cfg.adakv_blend = "kvpress" (kvpress AdaKVPress, our earlier version): every head first keeps its top
+    alpha * (its uniform share) tokens, and the rest of the layer's budget goes to the pooled top scores.
+    Either way a head keeps at least its floor; the layers' totals are as even as integers allow."""
     L, H, T = scores.shape
-    per_head = round((1 - ratio) * T)
-    base = min(T, max(cfg.floor(T), int(alpha * per_head)))
+    total, floor, alpha = kept_total(L * H, ratio, T, cfg), cfg.floor(T), cfg.adakv_alpha
+    layer_totals = largest_remainder(np.full(L, total / L), total)  # (L,)
+    window = min(cfg.window, T)
     counts = np.zeros((L, H), dtype=np.int64)
     for l in range(L):
-        ordered = torch.sort(scores[l], dim=-1, descending=True).values  # (H, T)
-        rest = ordered[:, base:].reshape(-1)  # candidates beyond each head's floor
-        n_extra = per_head * H - base * H
-        top = torch.topk(rest, n_extra).indices if n_extra > 0 else torch.empty(0, dtype=torch.long)
-        counts[l] = base + np.bincount((top // (T - base)).numpy(), minlength=H)
+        keep = int(layer_totals[l])
+        if cfg.adakv_blend == "kvpress":
+            base = min(T, max(floor, int(alpha * (keep // H))))
+            ordered = torch.sort(scores[l], dim=-1, descending=True).values  # (H, T)
+            rest = ordered[:, base:].reshape(-1)  # (H * (T - base),) candidates beyond each head's floor
+            n_extra = keep - base * H
+            top = torch.topk(rest, n_extra).indices if n_extra > 0 else torch.empty(0, dtype=torch.long)
+            counts[l] = base + np.bincount((top // (T - base)).cpu().numpy(), minlength=H)
+            continue
+        n_pooled = keep - H * window  # H * B: the layer's budget before the windows
+        pooled = np.zeros(H)
+        if n_pooled > 0 and T > window:
+            before = scores[l, :, :T - window].reshape(-1)  # (H * (T - window),)
+            top = torch.topk(before, n_pooled).indices
+            pooled = np.bincount((top // (T - window)).cpu().numpy(), minlength=H)  # (H,) c_h
+        shares = pooled * (1 - alpha) + alpha * max(n_pooled, 0) / H + window  # (H,) sums to keep
+        counts[l] = largest_remainder(shares * keep / max(shares.sum(), 1e-30), keep, minimum=np.full(H, floor),
+                                      maximum=np.full(H, T))
     return counts
 
 
@@ -612,7 +1006,8 @@ def oracle_counts(ratio, scores, cfg, imp):
 # name -> counts (L, H) from (ratio, scores (L, H, T), cfg, profile, oracle importance, seed)
 ALLOCATORS = {
     "uniform": lambda r, s, cfg, profile, imp, seed: counts_from_shares(np.ones(s.shape[:2]), r, s.shape[2], cfg),
-    "pyramid": lambda r, s, cfg, profile, imp, seed: counts_from_shares(pyramid_shares(*s.shape, r), r, s.shape[2], cfg),
+    "pyramid": lambda r, s, cfg, profile, imp, seed: counts_from_shares(pyramid_shares(*s.shape, r, cfg), r,
+                                                                        s.shape[2], cfg),
     "adakv": lambda r, s, cfg, profile, imp, seed: adakv_counts(s, r, cfg),
     "lukv": lambda r, s, cfg, profile, imp, seed: lukv_counts(r, s, cfg, profile),
     # control: LU-KV's budgets given to random heads (does the profile know *which* heads?)
@@ -636,27 +1031,38 @@ def allocate(name, ratio, scores, cfg, profile=None, imp=None, seed=0):
 def compress(cache, scores, counts):
     """Keep each head's counts[l, h] best tokens by score, through the cache's eviction entry point.
 
-    Ties go the way the loss curves go (the lower index is evicted first). Returns the keep
-    mask (L, H, T) so callers can measure what was lost.
+    counts (L, H), or (B, L, H) for a cache of B rows (one allocator per row: the rows share a
+    prefill and are decoded as one batch). Ties go the way the loss curves go (the lower index is
+    evicted first). Returns the keep mask, (L, H, T) or (B, L, H, T), so callers can measure
+    what was lost.
     """
     L, H, T = scores.shape
     counts = torch.as_tensor(counts, dtype=torch.long)
+    batched = counts.dim() == 3
+    counts = counts if batched else counts[None]  # (B, L, H)
+    if counts.shape != (cache.B, L, H):
+        raise ValueError(f"counts must have shape (L={L}, H={H}) or (B={cache.B}, L, H), got {tuple(counts.shape)}")
     if bool((counts > T).any()) or bool((counts < 0).any()):
         raise ValueError(f"keep counts must lie in [0, T={T}], got min {int(counts.min())}, max {int(counts.max())}")
+    # ranked where the scores live (a scorer on the GPU leaves them there), in float32 so a bf16 scorer
+    # ranks as it would on the CPU; cache.keep moves the slots to the cache's device
+    scores, device = scores.float(), scores.device
     order = torch.sort(scores, dim=-1, stable=True).indices  # (L, H, T) ascending = eviction order
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(T).expand(L, H, T))  # (L, H, T)
-    keep = rank >= (T - counts)[..., None]  # (L, H, T)
-    slots = torch.where(keep, torch.arange(T), T)  # kept slots, others pushed past the end
-    kept_idx = torch.sort(slots, dim=-1).values[..., :int(counts.max())]  # (L, H, K)
+    positions = torch.arange(T, device=device)
+    rank = torch.empty_like(order).scatter_(-1, order, positions.expand(L, H, T))  # (L, H, T)
+    keep = rank >= (T - counts.to(device))[..., None]  # (B, L, H, T)
+    slots = torch.where(keep, positions, T)  # kept slots, others pushed past the end
+    kept_idx = torch.sort(slots, dim=-1).values[..., :int(counts.max())]  # (B, L, H, K)
     for l in range(L):
-        cache.keep(l, kept_idx[l][None], counts[l][None])
-    return keep
+        cache.keep(l, kept_idx[:, l], counts[:, l])
+    keep = keep.cpu()  # beside the oracle importance (CPU) it is measured against
+    return keep if batched else keep[0]
 
 
 @torch.no_grad()
 def answer_with(model, enc, cache, follow_ids, max_new, stop):
     """Greedy answer to follow_ids (the question) through a (compressed) cache, up to its first newline."""
-    new, _ = model.generate(torch.tensor([follow_ids]), max_new, cache=cache, stop_token=stop)
+    new, _ = model.generate(torch.tensor([follow_ids], device=cache.device), max_new, cache=cache, stop_token=stop)
     return enc.decode(new[0].tolist()).split("\n")[0]
 
 
@@ -727,7 +1133,7 @@ if __name__ == "__main__":
     parser.add_argument("--profile", action="store_true", help="rebuild the profiles next to the checkpoint")
     # ---- model and method
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    parser.add_argument("--scorers", "--scorer", default=None, help="comma list (--profile; default: snapkv,keydiff,knorm,oracle)")
+    parser.add_argument("--scorers", "--scorer", default=None, help="comma list (--profile; default: snapkv,keydiff,knorm,expected_attention,oracle)")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=16, help="oracle: answer tokens generated after the question")
@@ -758,7 +1164,7 @@ if __name__ == "__main__":
           f"{model.cfg.n_layer} layers x {model.cfg.n_kv_head} KV heads, id {model_id})")
 
     if args.profile:
-        scorers = args.scorers.split(",") if args.scorers else ["snapkv", "keydiff", "knorm", "oracle"]
+        scorers = args.scorers.split(",") if args.scorers else ["snapkv", "keydiff", "knorm", "expected_attention", "oracle"]
         tables = build_profile(model, enc, scorers, cfg, args.calib_contexts, args.calib_questions, args.length,
                                seed=args.calib_seed)
         for s, table in tables.items():

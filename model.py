@@ -1,10 +1,12 @@
 """
 A tiny Llama-style GPT in one file, with an explicit per-head KV cache that really shrinks.
 
-Read top to bottom: config, the pieces of a block (RMSNorm, RoPE, attention, SwiGLU MLP), the
-KV cache, the model, generation, and checkpoints. Every budget in this project is per
+Read top to bottom, small pieces first: config; RMSNorm and RoPE; the KV cache and the probe
+(what the method sees inside attention); attention, which calls their verbs; the SwiGLU MLP and
+the block; the model with generation; checkpoints. Every budget in this project is per
 (layer, KV head): with grouped-query attention (GQA) the cache stores each KV head once and
-its group of query heads reads it together.
+its group of query heads reads it together. The cache's math (evict, decode attention, append)
+lives once, in kernels.py, as v1 (PyTorch), v2 (torch.compile) and v3 (Triton).
 
     python model.py            # load the shipped checkpoint and print its size and cache bytes
     hf.load_model("path/to/Llama-3.1-8B-Instruct")   # a real checkpoint, through GPT.from_pretrained
@@ -23,13 +25,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels  # the cache's math: evict, decode attention, append (v1 / v2 / v3)
+
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 4097  # BPE ranks + <|endoftext|>
+    vocab_size: int = 2512  # the shipped tokenizer's 2,511 BPE ranks + <|endoftext|> (checkpoints/tiny.pt)
     block_size: int = 4096  # longest sequence RoPE tables are built for
     n_layer: int = 6
     n_head: int = 8  # query heads
@@ -58,7 +62,7 @@ class GPTConfig:
 
 
 # -----------------------------------------------------------------------------
-# the pieces of a block
+# the pieces: RMSNorm, RoPE, explicit attention weights
 
 
 class RMSNorm(nn.Module):
@@ -158,86 +162,8 @@ def attention_probs(q, k, mask):
     return torch.softmax(scores, dim=-1)
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg, layer_idx):
-        super().__init__()
-        self.cfg, self.layer_idx = cfg, layer_idx
-        D = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * D, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.n_head * D, cfg.n_embd, bias=cfg.o_bias)
-
-    def forward(self, x, cos, sin, cache=None, probe=None):
-        cfg = self.cfg
-        B, T, C = x.shape
-        H, G, D = cfg.n_kv_head, cfg.group, cfg.head_dim
-        q = self.q_proj(x).view(B, T, H * G, D).transpose(1, 2)  # (B, H*G, T, D)
-        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        if cache is not None and cache.seen > 0:
-            # decode: one new token; its K/V go into the cache, then it attends to every row kept
-            assert T == 1, f"decode takes one token at a time, got {T} (GPT.forward splits longer inputs)"
-            cache.append(self.layer_idx, k[:, :, 0], v[:, :, 0])
-            y, probs = cache.attend(self.layer_idx, q[:, :, 0].view(B, H, G, D), need_probs=probe is not None)
-            if probe is not None:
-                probe.record_decode(self.layer_idx, probs)  # (B, H, G, rows)
-            y = y.reshape(B, 1, H * G * D)  # (B, 1, H*G*D)
-        else:
-            # full causal attention over the prompt (training, the uncached twin, and prefill)
-            # each KV head is repeated for its G query heads so every PyTorch version takes its flash kernel
-            kr, vr = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H*G, T, D)
-            y = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)  # (B, H*G, T, D)
-            y = y.transpose(1, 2).reshape(B, T, H * G * D)  # (B, T, H*G*D)
-            if cache is not None:
-                cache.prefill(self.layer_idx, k, v)
-            if probe is not None and probe.query_pos is not None:
-                qp = probe.query_pos
-                mask = torch.arange(T, device=x.device)[None, :] <= qp[:, None]  # (Tq, T) causal
-                qsel = q[:, :, qp].view(B, H, G, len(qp), D)  # (B, H, G, Tq, D)
-                probe.prefill_attn[self.layer_idx] = attention_probs(qsel, k, mask)  # (B, H, G, Tq, T)
-        if probe is not None and probe.keep_values:
-            probe.values[self.layer_idx] = v.detach()  # (B, H, T, D)
-        return self.o_proj(y)
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg, layer_idx):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x, cos, sin, cache=None, probe=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, probe)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 # -----------------------------------------------------------------------------
 # the KV cache: packed rows, a length per (layer, batch, KV head)
-
-
-def _kernels():
-    """kernels.py, imported on first use (it needs Triton only for its v3 paths); None if absent."""
-    try:
-        import kernels
-    except ImportError:
-        return None
-    return kernels
 
 
 class KVCache:
@@ -252,21 +178,40 @@ class KVCache:
                                 always ask which tokens a head still holds.
         start, length, capacity (L, B, H) int64
 
-    N_l = sum of capacities. `keep` allocates new, smaller storage and copies only the kept rows
-    into it, so evicting really frees memory (masking would not). `append` writes one row per
+    N_l = sum of capacities. `keep` and `evict` allocate new, smaller storage holding only the
+    kept rows, so evicting really frees memory (masking would not). `append` writes one row per
     head in place, O(B * H * D) bytes, and only re-packs when a head's spare rows run out.
 
-    Verbs: prefill (the prompt's K/V), append (one decoded token), keep (eviction entry point),
-    attend (one decode step). `nbytes()` reports what K and V occupy.
+    Verbs: prefill (the prompt's K/V), append (one decoded token), keep (evict given slots),
+    evict (evict by score), attend (one decode step). `nbytes()` reports what K and V occupy.
+    The cache owns its fields: kernels.py computes (returns new rows or writes the rows it is
+    handed), the verbs here install the results.
+
+    impl, who runs evict / attend / append (all in kernels.py, one math):
+        "v1"  the PyTorch reference (any device; the default on the CPU)
+        "v2"  v1 under torch.compile (evict and attend; append stays v1, it has no compiled twin)
+        "v3"  the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1; the default on CUDA)
+    attend(need_probs=True) always runs v1, the one path that returns the attention weights.
+
+    The prefill / decode protocol: `seen` counts the tokens fed so far (the position of the next
+    token). A forward pass writes layers 0 .. L-1 in order, and only the last layer's prefill or
+    append advances `seen`, so every layer of one pass reads the same value: seen == 0 means this
+    pass is the prompt (Attention prefills), seen > 0 means decode one token (Attention appends and
+    attends). GPT.forward and Attention.forward read it; nothing else changes it.
     """
+
+    IMPLS = ("v1", "v2", "v3")
 
     def __init__(self, cfg, batch_size, device="cpu", dtype=torch.float32, slack=32, impl=None):
         self.cfg, self.B, self.device, self.dtype = cfg, batch_size, torch.device(device), dtype
-        self.slack = slack  # spare rows per head after prefill / keep / re-pack
-        # who runs append / attend / evict: "reference" is the plain PyTorch below; "v1" / "v3" are
-        # kernels.py's (v3 = Triton, CUDA or TRITON_INTERPRET=1). Default: Triton on CUDA, reference on CPU.
-        kernels = _kernels() if self.device.type == "cuda" else None
-        self.impl = impl or ("v3" if kernels is not None and kernels.HAVE_TRITON else "reference")
+        self.slack = slack  # spare rows per head after prefill / keep / evict / re-pack
+        if impl is None:
+            impl = "v3" if self.device.type == "cuda" and kernels.HAVE_TRITON else "v1"
+        if impl not in self.IMPLS:
+            raise ValueError(f"impl must be one of {self.IMPLS} (v1 PyTorch reference, v2 torch.compile, v3 Triton) "
+                             f"or None (v3 on CUDA, else v1); got {impl!r}"
+                             + (" ('reference' is now 'v1')" if impl == "reference" else ""))
+        self.impl = impl
         L, B, H = cfg.n_layer, batch_size, cfg.n_kv_head
         self.k = [None] * L
         self.v = [None] * L
@@ -274,7 +219,7 @@ class KVCache:
         self.start = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
         self.length = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
         self.capacity = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
-        self.seen = 0  # tokens fed so far = the position of the next token
+        self.seen = 0  # tokens fed so far = the position of the next token (the protocol: see above)
 
     # -- storage helpers
 
@@ -322,24 +267,20 @@ class KVCache:
         if layer == self.cfg.n_layer - 1:
             self.seen = T
 
-    def append(self, layer, k, v):
-        """Write one decoded token's k and v (B, H, D) at the end of every head's rows."""
+    def append(self, layer, k, v, position=None):
+        """Write one decoded token's k and v (B, H, D) at the end of every head's rows (its position:
+        `seen` unless given, as when a chunk of tokens is appended one after another)."""
         if bool((self.length[layer] >= self.capacity[layer]).any()):
             # a head is full: re-pack this layer with fresh spare rows (amortised, not every step)
             idx = torch.arange(int(self.length[layer].max()), device=self.device)
             valid = idx < self.length[layer][..., None]  # (B, H, K)
             src = self._rows(layer, idx.expand(*valid.shape))
             self._move(layer, src, self.length[layer].clone(), self.length[layer] + self.slack, valid)
-        if self.impl != "reference":  # in place, O(B * H * D) bytes (kernels.py)
-            _kernels().append_(self.k[layer], self.v[layer], self.pos[layer], self.start[layer], self.length[layer],
-                               self.capacity[layer], k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
-                               self.seen, impl=self.impl, check=False)  # capacity was checked just above
-        else:
-            row = self.start[layer] + self.length[layer]  # (B, H)
-            self.k[layer][row] = k.to(self.dtype)
-            self.v[layer][row] = v.to(self.dtype)
-            self.pos[layer][row] = self.seen
-            self.length[layer] += 1
+        # in place, O(B * H * D) bytes: row start + length of every head, and length += 1 (a view of ours)
+        kernels.append_(self.k[layer], self.v[layer], self.pos[layer], self.start[layer], self.length[layer],
+                        self.capacity[layer], k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
+                        self.seen if position is None else position, impl=self.impl,
+                        check=False)  # capacity was checked above (v2 appends as v1)
         if layer == self.cfg.n_layer - 1:
             self.seen += 1
 
@@ -381,32 +322,43 @@ class KVCache:
         self._move(layer, src, counts, counts + self.slack, valid)
 
     def attend(self, layer, q, need_probs=False):
-        """One decode step: q (B, H, G, D) attends to each head's own rows -> (B, H, G, D).
+        """One decode step: q (B, H, G, D) attends to each head's own rows -> (out (B, H, G, D), probs).
 
-        This is the reference (pad each head to the longest, mask the rest); kernels.py has
-        the fast version that reads the packed rows directly (used unless impl is "reference" or
-        the weights are asked for).
+        probs (B, H, G, K) are the attention weights over each head's first K = max length rows (0
+        past a head's length) when need_probs, else None; they come from v1, whatever the impl.
         """
-        if self.impl != "reference" and not need_probs:
-            out = _kernels().decode_attention(q.to(self.dtype).contiguous(), self.k[layer], self.v[layer],
-                                              self.start[layer], self.length[layer], impl=self.impl)
-            return out.to(q.dtype), None
-        K = int(self.length[layer].max())
+        args = (q.to(self.dtype).contiguous(), self.k[layer], self.v[layer], self.start[layer], self.length[layer])
+        if need_probs:
+            out, probs = kernels.decode_v1(*args, return_probs=True)
+            return out.to(q.dtype), probs
+        return kernels.decode_attention(*args, impl=self.impl).to(q.dtype), None
+
+    def attend_chunk(self, layer, q):
+        """A chunk of Tq new tokens (already appended) attends to each head's rows, token t to the rows
+        before it and itself: q (B, H, G, Tq, D) -> (out (B, H, G, Tq, D), probs (B, H, G, Tq, K)).
+
+        The plain PyTorch math of attend (v1, padded to the longest head) with a causal mask inside
+        the chunk; feeding a question this way costs one pass, not Tq decode steps."""
+        Tq, length = q.shape[3], self.length[layer]  # (B, H)
+        K = int(length.max())
         slots = torch.arange(K, device=self.device)
-        valid = slots < self.length[layer][..., None]  # (B, H, K)
-        rows = self._rows(layer, slots.expand(*valid.shape)).clamp(max=self.k[layer].shape[0] - 1)
+        rows = self._rows(layer, slots.expand(*length.shape, K)).clamp(max=self.k[layer].shape[0] - 1)  # (B, H, K)
         keys, values = self.k[layer][rows], self.v[layer][rows]  # (B, H, K, D) each
-        values = values.masked_fill(~valid[..., None], 0)  # spare rows are uninitialised: 0 * NaN would be NaN
-        probs = attention_probs(q[:, :, :, None], keys, valid[:, :, None, None])[:, :, :, 0]  # (B, H, G, K)
-        out = torch.einsum("bhgk,bhkd->bhgd", probs, values.float()).to(q.dtype)  # (B, H, G, D)
-        return out, (probs if need_probs else None)
+        # token t of the chunk sees every row before the chunk's later tokens: slot < length - (Tq - 1 - t)
+        last = length[..., None] - (Tq - 1 - torch.arange(Tq, device=self.device))  # (B, H, Tq)
+        mask = slots[None, None, None, :] < last[..., None]  # (B, H, Tq, K)
+        probs = attention_probs(q, keys, mask[:, :, None])  # (B, H, G, Tq, K)
+        values = values.masked_fill(~mask[:, :, -1, :, None], 0)  # spare rows are uninitialised
+        out = torch.einsum("bhgtk,bhkd->bhgtd", probs, values.float()).to(q.dtype)  # (B, H, G, Tq, D)
+        return out, probs
 
     def evict(self, layer, scores, counts, sink=0, window=0):
         """Evict by score right after prefill: head (b, h) keeps its counts[b, h] best tokens.
 
         scores (B, H, T), one per token; the first `sink` and last `window` tokens are always
-        kept, ties go to the later (more recent) token. kernels.py selects and compacts in one pass (a radix
-        select on the GPU); `keep` is the same thing for explicit indices.
+        kept, ties go to the later (more recent) token. kernels.evict selects and compacts (a
+        radix select on the GPU) into fresh storage, which becomes this layer's; `keep` is the
+        same thing for explicit slots.
         """
         n = self.length[layer]
         if not bool((n == n.flatten()[0]).all()):
@@ -414,9 +366,11 @@ class KVCache:
                              f"length); got lengths {n.tolist()}: use keep() with explicit slots instead")
         T = int(n.flatten()[0])
         rows = self._rows(layer, torch.arange(T, device=self.device))  # (B, H, T)
-        k, v = self.k[layer][rows], self.v[layer][rows]  # (B, H, T, D) each
-        impl = "v1" if self.impl == "reference" else self.impl
-        _kernels().evict_into_cache(self, layer, k, v, scores, counts, sink, window, impl=impl)
+        k, v = self.k[layer][rows], self.v[layer][rows]  # (B, H, T, D) each, contiguous
+        packed = kernels.evict(k, v, scores.to(self.device).contiguous(), counts, sink, window, self.slack,
+                               impl=self.impl)  # a kernels.PackedKV: the kept rows, packed
+        self.k[layer], self.v[layer], self.pos[layer] = packed.k, packed.v, packed.pos
+        self.start[layer], self.length[layer], self.capacity[layer] = packed.start, packed.length, packed.capacity
 
     def clone(self):
         """An independent copy (the evaluation compresses one prefilled cache many ways)."""
@@ -426,6 +380,23 @@ class KVCache:
         other.v = [t.clone() if t is not None else None for t in self.v]
         other.pos = [t.clone() if t is not None else None for t in self.pos]
         other.start, other.length, other.capacity = self.start.clone(), self.length.clone(), self.capacity.clone()
+        return other
+
+    def repeat(self, n):
+        """A cache of n * B rows: row i * B + b is a copy of row b (compress each row its own way,
+        then decode all of them as one batch)."""
+        other = self.clone()
+        other.B = n * self.B
+        for layer in range(len(self.k)):
+            if self.k[layer] is None:
+                continue
+            N = self.k[layer].shape[0]
+            other.k[layer], other.v[layer] = self.k[layer].repeat(n, 1), self.v[layer].repeat(n, 1)  # (n*N, D)
+            other.pos[layer] = self.pos[layer].repeat(n)  # (n*N,)
+        copy = torch.arange(n, device=self.device).repeat_interleave(self.B)  # (n*B,) which copy a row is in
+        rows_per_layer = torch.tensor([k.shape[0] if k is not None else 0 for k in self.k], device=self.device)
+        other.start = self.start.repeat(1, n, 1) + (copy[None, :, None] * rows_per_layer[:, None, None])  # (L, n*B, H)
+        other.length, other.capacity = self.length.repeat(1, n, 1), self.capacity.repeat(1, n, 1)
         return other
 
     def keys(self, layer, b=0):
@@ -453,21 +424,130 @@ class Probe:
 
     query_pos: positions whose attention weights to all earlier tokens the prefill records
     (SnapKV's observation window); decode: record every step's weights to all cached rows
-    (the oracle). keep_values: record each layer's value vectors (B, H, T, D).
+    (the oracle). keep_values: record each layer's value vectors (B, H, T, D) of the prompt.
+    query_stats = n: the mean and covariance of each query head's pre-RoPE queries past the first
+    n positions (Expected Attention; n = the sinks). Attention calls the verbs record_queries
+    (before RoPE), record_prefill and record_decode; a new kind of record is a field here and a
+    line in one of them.
     """
     query_pos: torch.Tensor = None
     decode: bool = False
     keep_values: bool = False
+    query_stats: int = None  # Expected Attention: query statistics past this many first positions
     prefill_attn: dict = field(default_factory=dict)  # layer -> (B, H, G, Tq, T)
     decode_attn: list = field(default_factory=list)  # step -> {layer: (B, H, G, rows)}
     values: dict = field(default_factory=dict)  # layer -> (B, H, T, D)
+    query_mean: dict = field(default_factory=dict)  # layer -> (B, H*G, D)
+    query_cov: dict = field(default_factory=dict)  # layer -> (B, H*G, D, D)
 
-    def record_decode(self, layer, probs):
+    def record_queries(self, layer, q):
+        """The queries q (B, H*G, T, D) of one layer before RoPE: with query_stats = n, their mean and
+        covariance over positions n.. (one-token decode steps record nothing)."""
+        if self.query_stats is None or q.shape[2] <= max(self.query_stats, 1):
+            return
+        q = q[:, :, self.query_stats:].float()  # (B, H*G, T - n, D)
+        mean = q.mean(dim=2)  # (B, H*G, D)
+        centered = q - mean[:, :, None]  # (B, H*G, T - n, D)
+        self.query_mean[layer] = mean
+        self.query_cov[layer] = centered.transpose(-1, -2) @ centered / q.shape[2]  # (B, H*G, D, D)
+
+    def record_prefill(self, layer, q, k, v):
+        """The prompt pass of one layer: q (B, H, G, T, D) after RoPE, k and v (B, H, T, D)."""
+        if self.query_pos is not None:
+            qp, T = self.query_pos, k.shape[2]
+            mask = torch.arange(T, device=k.device)[None, :] <= qp[:, None]  # (Tq, T) causal
+            self.prefill_attn[layer] = attention_probs(q[:, :, :, qp], k, mask)  # (B, H, G, Tq, T)
+        if self.keep_values:
+            self.values[layer] = v.detach()  # (B, H, T, D)
+
+    def record_decode(self, layer, probs, step=-1):
+        """One decode step of one layer: probs (B, H, G, rows) over the cache's rows (KVCache.attend).
+        A chunk of Tq tokens records its steps -Tq .. -1 in order (layer 0 opens each step)."""
         if not self.decode:
             return
         if layer == 0:
             self.decode_attn.append({})
-        self.decode_attn[-1][layer] = probs
+        self.decode_attn[-1 if layer == 0 else step][layer] = probs
+
+
+# -----------------------------------------------------------------------------
+# attention, MLP and the block
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        D = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * D, cfg.n_embd, bias=cfg.o_bias)
+
+    def forward(self, x, cos, sin, cache=None, probe=None):
+        cfg = self.cfg
+        B, T, C = x.shape
+        H, G, D = cfg.n_kv_head, cfg.group, cfg.head_dim
+        q = self.q_proj(x).view(B, T, H * G, D).transpose(1, 2)  # (B, H*G, T, D)
+        k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        if probe is not None:
+            probe.record_queries(self.layer_idx, q)  # (B, H*G, T, D) before RoPE: Expected Attention
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None and cache.seen > 0 and T > 1:
+            # a chunk after the prompt (a question): its K/V go in row by row, then it attends causally
+            start = cache.seen
+            for t in range(T):
+                cache.append(self.layer_idx, k[:, :, t], v[:, :, t], position=start + t)
+            y, probs = cache.attend_chunk(self.layer_idx, q.view(B, H, G, T, D))  # (B, H, G, T, D)
+            if probe is not None:
+                for t in range(T):  # the oracle sees every token of the chunk as one decode step
+                    probe.record_decode(self.layer_idx, probs[:, :, :, t], step=t - T)
+            y = y.permute(0, 3, 1, 2, 4).reshape(B, T, H * G * D)  # (B, T, H*G*D)
+        elif cache is not None and cache.seen > 0:  # the cache's protocol: seen > 0 is decode (KVCache)
+            # decode: one new token; its K/V go into the cache, then it attends to every row kept
+            cache.append(self.layer_idx, k[:, :, 0], v[:, :, 0])
+            need_probs = probe is not None and probe.decode  # only the oracle's probe reads the weights
+            y, probs = cache.attend(self.layer_idx, q[:, :, 0].view(B, H, G, D), need_probs=need_probs)
+            if probe is not None:
+                probe.record_decode(self.layer_idx, probs)  # (B, H, G, rows), or None when not recorded
+            y = y.reshape(B, 1, H * G * D)  # (B, 1, H*G*D)
+        else:
+            # full causal attention over the prompt (training, the uncached twin, and prefill)
+            # each KV head is repeated for its G query heads so every PyTorch version takes its flash kernel
+            kr, vr = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H*G, T, D)
+            y = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)  # (B, H*G, T, D)
+            y = y.transpose(1, 2).reshape(B, T, H * G * D)  # (B, T, H*G*D)
+            if cache is not None:
+                cache.prefill(self.layer_idx, k, v)
+            if probe is not None:
+                probe.record_prefill(self.layer_idx, q.view(B, H, G, T, D), k, v)  # (B, H, G, T, D) query groups
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, probe=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, probe)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # -----------------------------------------------------------------------------
@@ -488,32 +568,33 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                # the projections that write into the residual stream start small, as in GPT-2 / nanoGPT
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
-        for name, p in module.named_parameters(recurse=False):
-            if name == "weight" and isinstance(module, nn.Linear) and module.out_features == self.cfg.n_embd:
-                # residual projections (o_proj, down_proj) start small, as in GPT-2
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx, targets=None, cache=None, probe=None, loss_weights=None):
-        """idx (B, T) -> logits (B, T, V).
+    def forward(self, idx, targets=None, cache=None, probe=None, loss_weights=None, last_only=False):
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) of the last position when last_only.
 
         No cache: the plain causal forward (training, and the slow twin of cached decoding).
         Empty cache: the same forward, and every layer's K/V is stored (prefill).
-        Filled cache: the tokens are decoded one at a time against the cache.
+        Filled cache: the tokens are appended to the cache and attend to it (one decode step, or a
+        chunk such as a question, causal inside the chunk).
+        last_only skips the output head for all but the last position (a prefill needs only that
+        one: with a large vocabulary the head is a tenth of a small model's prefill).
         """
         B, T = idx.shape
         if cache is not None and cache.seen > 0:
-            if T > 1:  # decode longer inputs token by token
-                return torch.cat([self(idx[:, t:t + 1], cache=cache, probe=probe) for t in range(T)], dim=1)
-            start = cache.seen
+            start = cache.seen  # decode: one token, or a chunk (Attention appends it and attends causally)
         else:
             start = 0
         if start + T > self.cfg.block_size:
@@ -523,7 +604,7 @@ class GPT(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         for block in self.layers:
             x = block(x, cos, sin, cache, probe)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.norm(x[:, -1:] if last_only else x))  # (B, T or 1, V)
         if targets is None:
             return logits
         losses = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
@@ -548,10 +629,14 @@ class GPT(nn.Module):
     def generate(self, idx, max_new_tokens, cache=None, temperature=0.0, stop_token=None, generator=None, probe=None):
         """Feed idx (B, T) through the cache (prefill or continue), then sample new tokens.
 
-        Greedy when temperature == 0. Returns (new tokens (B, <= max_new_tokens), cache).
+        Greedy when temperature == 0; stop_token: one id or a collection of ids, generation stops
+        once every row has produced one. Returns (new tokens (B, <= max_new_tokens), cache).
         """
         cache = cache if cache is not None else self.new_cache(idx.shape[0])
-        logits = self(idx, cache=cache, probe=probe)[:, -1]  # (B, V)
+        stops = None if stop_token is None else torch.tensor(
+            [stop_token] if isinstance(stop_token, int) else sorted(stop_token), device=idx.device)
+        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        logits = self(idx, cache=cache, probe=probe, last_only=True)[:, -1]  # (B, V)
         out = []
         for _ in range(max_new_tokens):
             if temperature == 0:
@@ -560,8 +645,10 @@ class GPT(nn.Module):
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
             out.append(nxt)
-            if stop_token is not None and bool((nxt == stop_token).all()):
-                break
+            if stops is not None:
+                done |= torch.isin(nxt[:, 0], stops)
+                if bool(done.all()):
+                    break
             logits = self(nxt, cache=cache, probe=probe)[:, -1]
         return torch.cat(out, dim=1), cache
 
@@ -649,3 +736,13 @@ def load_checkpoint(path=DEFAULT_CHECKPOINT, device="cpu", dtype=torch.float32):
     header = {"meta": ckpt["meta"], "tokenizer_sha256": ckpt["tokenizer_sha256"],
               "tokenizer_path": os.path.join(os.path.dirname(os.path.abspath(path)), ckpt["tokenizer_file"])}
     return model, header
+
+
+if __name__ == "__main__":
+    model, header = load_checkpoint()
+    cfg, cache = model.cfg, model.new_cache(1)
+    with torch.no_grad():
+        model(torch.zeros(1, 256, dtype=torch.long), cache=cache)  # a 256-token prompt fills the cache
+    print(f"{DEFAULT_CHECKPOINT}: {model.num_params() / 1e6:.2f} M parameters, {cfg}")
+    print(f"KV cache of a 256-token prompt: {cache.nbytes() / 1e6:.2f} MB in use ({cfg.n_layer} layers x "
+          f"{cfg.n_kv_head} KV heads x {cfg.head_dim} dims, {cache.dtype}), impl {cache.impl}")

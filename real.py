@@ -31,7 +31,9 @@ import torch
 import evaluate
 import hf
 import lukv
+import ruler
 import tasks
+from evaluate import Item
 from lukv import LUKVConfig
 
 # -----------------------------------------------------------------------------
@@ -133,6 +135,86 @@ def profile_contexts(model, model_id, contexts, scorers, cfg, cache_dir, stop_to
 
 
 # -----------------------------------------------------------------------------
+# the evaluation suite: ruler.py's families as evaluate.py items
+
+
+class RulerSuite:
+    """ruler.py's RULER-style families for a real model, in one prompt format ("plain" or "chat").
+
+    The context (instructions, haystack, shots) is what a query-agnostic method compresses; the
+    question and the answer prefix come after it. Answers stop at the model's end of turn or, but
+    for cwe, at a newline once the answer has started; they are scored as RULER scores them. The
+    generation budget is RULER's, capped at twice the references' tokens + 16 (the answers are a few
+    tokens; a rambling compressed cache would otherwise cost RULER's full 128 steps on a CPU)."""
+
+    families = ruler.FAMILIES
+
+    def __init__(self, enc, fmt="plain"):
+        self.enc, self.fmt = enc, fmt
+        self.stop_ids = set(ruler.stop_ids(enc))
+        if not self.stop_ids:
+            raise ValueError("the tokenizer names no end-of-turn or end-of-text token; cannot stop answers")
+
+    def items(self, family, n, length, seed):
+        out = []
+        for i in range(n):
+            ex = ruler.make_example(family, self.enc, length, seed, i, self.fmt)
+            context, question = ruler.prompt_parts(ex, self.enc)
+            budget = min(ex.max_new_tokens, 2 * len(self.enc.encode_ordinary(" ".join(ex.references))) + 16)
+            out.append(Item(family, i, context, question, ex.references, budget))
+        return out
+
+    def answer(self, ids):
+        return self.enc.decode(ids)
+
+    def done(self, item):
+        return lambda ids: ruler.answer_done(item.family, self.enc.decode(ids))
+
+    def score(self, item, answer):
+        return ruler.score(item.family, answer, item.references)
+
+
+# -----------------------------------------------------------------------------
+# calibration as the paper's: generated documents with many questions, answered by the model itself
+
+
+def qa_calibration_contexts(enc, n_contexts, length, n_questions=8, seed=0):
+    """(context ids, [question ids]) of documents about people (ruler.py's qa generator, calibration
+    seeds, never an evaluation seed), each context about `length` tokens, with questions about facts
+    stated in it at several depths. The model's own answers become the oracle's future."""
+    contexts = []
+    for c in range(n_contexts):
+        rng = random.Random(f"calibration-{seed}/{c}")
+        people = rng.sample([f"{a} {b}" for a in tasks.NAMES for b in ruler.SURNAMES], 200)
+        docs, questions, n_tokens = [], [], 0
+        for p in people:
+            text, qs = ruler.person_document(random.Random(f"calibration-{seed}/{c}/{p}"), p)
+            doc = f"Document {len(docs) + 1}:\n{text}\n\n"
+            n_tokens += len(enc.encode_ordinary(doc))
+            if n_tokens > length - 40:
+                break
+            docs.append(doc)
+            questions.append(rng.choice(qs)[0])
+        picked = rng.sample(questions, min(n_questions, len(questions)))
+        rule = "Answer the question based on the given documents. Only give me the answer."
+        context = enc.encode_ordinary(f"{rule}\n\nThe following are given documents.\n\n" + "".join(docs))
+        contexts.append((context, [enc.encode_ordinary(f"Question: {q}\nAnswer:") for q in picked]))
+    return contexts
+
+
+def family_calibration_contexts(suite, family, n, length, seed):
+    """(context ids, [question ids]) of one evaluation family from other seeds (the in-task profile)."""
+    return [(item.context, [item.question]) for item in suite.items(family, n, length, seed)]
+
+
+def budget_correlation(tables, row=79):
+    """Pearson correlation of per-head keep shares at one ratio between every two profiles: {(a, b): r}."""
+    names = list(tables)
+    keep = {n: (1 - tables[n][row]).ravel() for n in names}
+    return {(a, b): float(np.corrcoef(keep[a], keep[b])[0, 1]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+# -----------------------------------------------------------------------------
 # the command line
 
 
@@ -141,34 +223,67 @@ def kvpress_usage(scorer, path, cfg):
     return f"peers.lukv_press({path!r}, scorer={scorer!r}, sink={cfg.sink}, window={cfg.window})"
 
 
+def default_table(model_name, scorer):
+    """Where a table of a model and scorer lives by default: beside the shipped ones for smollm2."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    name = os.path.basename(os.path.normpath(model_name)).removesuffix(".gguf")
+    return os.path.join(here, "checkpoints", f"{name}_{scorer}.npy") if model_name == "smollm2" else f"{name}_{scorer}.npy"
+
+
+def load_tables(paths, model_id, shape, cfg):
+    """{profile key: table} of the given .npy files; each sidecar names its scorer, and the loader refuses
+    a table of another model, scorer, sink, window or SnapKV window by name."""
+    out = {}
+    for path in paths:
+        if not os.path.exists(path) or not os.path.exists(lukv.sidecar(path)):
+            raise FileNotFoundError(f"expected the table {path} and its sidecar {lukv.sidecar(path)}; make them "
+                                    f"with python real.py --profile --out {path}")
+        with open(lukv.sidecar(path)) as f:
+            meta = json.load(f)
+        out[meta.get("key", meta["scorer"])] = lukv.load_profile(path, meta["scorer"], model_id, shape, cfg)[0]
+    return out
+
+
 def make_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- what to do
+    parser.add_argument("--demo", action="store_true", help="the budget heatmap and a small 80%% table (minutes)")
     parser.add_argument("--profile", action="store_true", help="calibrate: write the budget table (--out)")
+    parser.add_argument("--intask", action="store_true", help="diagnostic: one profile per evaluation family "
+                        "(other seeds), their budget correlations")
     parser.add_argument("--eval", action="store_true", help="the evaluation table on the RULER-style suite")
+    parser.add_argument("--full-cache", action="store_true", help="only the full-cache score per family")
     # ---- model and method
-    parser.add_argument("--model", required=True, metavar="NAME|PATH",
+    parser.add_argument("--model", default="smollm2", metavar="NAME|PATH",
                         help="smollm2, a .gguf file, or a Hugging Face folder (nothing is downloaded)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--format", default="plain", choices=ruler.FORMATS, help="prompt format (plain text, or "
+                        "the chat template with the answer primed)")
     parser.add_argument("--scorers", "--scorer", default="snapkv", help="comma list")
-    parser.add_argument("--allocators", default=None, help="comma list (default: all)")
+    parser.add_argument("--allocators", default="uniform,pyramid,adakv,lukv,shuffled,oracle",
+                        help="comma list (intask: the in-task profiles of --intask)")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--window", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=16, help="oracle: tokens generated after the question")
     parser.add_argument("--snap-window", type=int, default=16, help="SnapKV: the last context positions that observe")
     # ---- data
-    parser.add_argument("--length", type=int, default=1024, help="context tokens")
+    parser.add_argument("--length", type=int, default=1024, help="prompt tokens (template included)")
     parser.add_argument("--text", default=None, metavar="PATH", help="--profile: calibrate on the continuation of "
-                        "this text file or folder (default: generated prose)")
+                        "this text file or folder instead of documents with questions")
     parser.add_argument("--calib-contexts", type=int, default=16)
+    parser.add_argument("--calib-questions", type=int, default=8)
+    parser.add_argument("--calib-seed", type=int, default=0, help="calibration seed (calibration-N)")
+    parser.add_argument("--families", default=None, help="comma list (default: all of ruler.py's)")
     parser.add_argument("--n", type=int, default=25, help="--eval: examples per family")
     parser.add_argument("--ratios", default="0.5,0.8,0.9")
     parser.add_argument("--settings", default="agnostic")
-    parser.add_argument("--seed", type=int, default=2, help="--eval: evaluation seed")
+    parser.add_argument("--seed", type=int, default=2, help="--eval: evaluation seed (development: 1; in-task: 7)")
     # ---- output
     parser.add_argument("--out", default=None, metavar="TABLE.npy", help="--profile: the table to write "
-                        "(several scorers: TABLE_<scorer>.npy)")
-    parser.add_argument("--table", default=None, metavar="TABLE.npy", help="--eval: a table for the lukv allocator")
+                        "(several scorers: TABLE_<scorer>.npy; default checkpoints/<model>_<scorer>.npy)")
+    parser.add_argument("--table", default=None, metavar="TABLE.npy[,...]", help="--eval: tables for lukv/shuffled "
+                        "(default: the profile of each scorer, if it exists), and in-task tables")
     parser.add_argument("--json", default="real_eval.json")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
@@ -179,42 +294,104 @@ def table_path(out, scorer, n_scorers):
     return out if n_scorers == 1 else out[: -len(".npy")] + f"_{scorer}.npy"
 
 
+def profile_and_save(model, model_id, contexts, scorers, cfg, out, source, stop_ids, key_prefix="", **extra):
+    """Profile the contexts and write one table (+ sidecar) per scorer; returns {scorer: path}."""
+    cache_dir = out[: -len(".npy")] + ".cache"
+    print(f"profiling {len(contexts)} contexts; per-context results in {cache_dir}/ (the same command resumes)")
+    tables, counts = profile_contexts(model, model_id, contexts, scorers, cfg, cache_dir, stop_ids)
+    paths = {}
+    for s, table in tables.items():
+        path = table_path(out, s, len(scorers))
+        meta = lukv.profile_meta(s, model_id, cfg, key=key_prefix + s, horizon=cfg.horizon, calibration=source,
+                                 contexts_computed=counts["computed"], kvpress=kvpress_usage(s, path, cfg), **extra)
+        lukv.save_profile(path, table, meta)
+        print(f"wrote {path} {table.shape} and {lukv.sidecar(path)}")
+        paths[s] = path
+    return paths
+
+
 if __name__ == "__main__":
     parser = make_parser()
     args = parser.parse_args()
-    if not (args.profile or args.eval):
-        parser.error("say what to do: --profile or --eval")
+    if not (args.demo or args.profile or args.eval or args.full_cache or args.intask):
+        parser.error("say what to do: --demo, --profile, --intask, --eval or --full-cache")
     if args.threads:
         torch.set_num_threads(args.threads)
     scorers = args.scorers.split(",")
-    out = args.out or f"{os.path.basename(os.path.normpath(args.model)).removesuffix('.gguf')}_lukv.npy"
+    out = args.out or default_table(args.model, scorers[0] if len(scorers) == 1 else "profile")
     if args.profile and not out.endswith(".npy"):
         parser.error(f"--out must name a .npy file (kvpress reads .npy), got {out!r}")
-    for path in ([out] if args.profile else []) + ([args.json] if args.eval else []):
+    for path in ([out] if args.profile else []) + ([args.json] if args.eval or args.full_cache else []):
         evaluate.check_writable(path)  # a long run never dies at its end on a bad path
     cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, snap_window=args.snap_window)
+    t0 = time.time()
     model, enc, model_id = hf.load_model(args.model, dtype=getattr(torch, args.dtype))
-    m = model.cfg
+    model = model.to(args.device)
+    m, shape = model.cfg, (model.cfg.n_layer, model.cfg.n_kv_head)
     print(f"model: {args.model} (id {model_id}, {model.num_params() / 1e6:.1f}M parameters, {m.n_layer} layers x "
-          f"{m.n_kv_head} KV heads, {args.dtype}, context {m.block_size})")
+          f"{m.n_kv_head} KV heads, {args.dtype}, context {m.block_size}; loaded in {time.time() - t0:.0f} s)")
     if args.length > m.block_size:
         parser.error(f"--length {args.length} exceeds the model's context of {m.block_size} tokens")
+    suite = RulerSuite(enc, args.format)
+    families = args.families.split(",") if args.families else suite.families
+    ratios = [float(r) for r in args.ratios.split(",")]
+    for r in ratios:
+        lukv.check_ratio(r)
 
     if args.profile:
-        documents = read_documents(args.text) if args.text else generated_prose()
-        contexts = [(c, [f]) for c, f in calibration_contexts(enc, documents, args.calib_contexts, args.length,
-                                                              cfg.horizon)]
-        source = f"text {args.text}" if args.text else "tasks.py generated prose (seed calibration-text-0)"
-        cache_dir = out[: -len(".npy")] + ".cache"
-        print(f"profiling {len(contexts)} contexts of {args.length} tokens; per-context results in {cache_dir}/ "
-              f"(stop at any time; the same command resumes)")
-        tables, counts = profile_contexts(model, model_id, contexts, scorers, cfg, cache_dir)
-        for s, table in tables.items():
-            path = table_path(out, s, len(scorers))
-            meta = lukv.profile_meta(s, model_id, cfg, horizon=cfg.horizon, model_path=args.model,
-                                     calibration=f"{source}: {len(contexts)} contexts of {args.length} tokens, "
-                                                 f"future = the next {cfg.horizon} text tokens + {cfg.horizon} "
-                                                 f"generated", contexts_computed=counts["computed"],
-                                     kvpress=kvpress_usage(s, os.path.abspath(path), cfg))
-            lukv.save_profile(path, table, meta)
-            print(f"wrote {path} {table.shape} and {lukv.sidecar(path)}")
+        if args.text:
+            documents = read_documents(args.text)
+            contexts = [(c, [f]) for c, f in calibration_contexts(enc, documents, args.calib_contexts, args.length,
+                                                                  cfg.horizon)]
+            source = f"text {args.text}: {len(contexts)} contexts of {args.length} tokens, future = the next " \
+                     f"{cfg.horizon} text tokens + {cfg.horizon} generated"
+        else:
+            contexts = qa_calibration_contexts(enc, args.calib_contexts, args.length, args.calib_questions,
+                                               args.calib_seed)
+            source = f"documents about people with questions (real.qa_calibration_contexts, seed " \
+                     f"calibration-{args.calib_seed}): {len(contexts)} contexts of about {args.length} tokens x " \
+                     f"{args.calib_questions} questions, future = question + the model's own answer " \
+                     f"({cfg.horizon} tokens)"
+        profile_and_save(model, model_id, contexts, scorers, cfg, out, source, suite.stop_ids)
+
+    if args.intask:  # one profile per evaluation family, from seed 7 (neither evaluation nor development)
+        tables = {}
+        for family in families:
+            path = out[: -len(".npy")] + f"_intask_{family}.npy"
+            contexts = family_calibration_contexts(suite, family, args.calib_contexts, args.length, 7)
+            got = profile_and_save(model, model_id, contexts, scorers, cfg, path, f"in-task: {family}, seed 7, "
+                                   f"{len(contexts)} examples", suite.stop_ids, key_prefix=f"intask_{family}_")
+            tables[family] = np.load(got[scorers[0]])
+        calib = args.table.split(",")[0] if args.table else default_table(args.model, scorers[0])
+        if os.path.exists(calib):
+            tables["calibration"] = np.load(calib)
+        print(f"correlation of per-head keep shares at 80% ({scorers[0]}):")
+        for (a, b), r in budget_correlation(tables).items():
+            print(f"  {a:16s} {b:16s} {r:+.2f}")
+
+    if args.eval or args.full_cache:
+        paths = args.table.split(",") if args.table else [p for p in (default_table(args.model, s) for s in scorers)
+                                                          if os.path.exists(p)]
+        profiles = load_tables(paths, model_id, shape, cfg) if args.eval else {}
+        allocators = args.allocators.split(",") if args.eval else []
+        methods = evaluate.method_list(scorers, allocators, profiles)
+        skipped = [(s, a) for s in scorers for a in allocators if (s, a) not in methods]
+        if skipped:
+            print(f"skipping {skipped}: no table of that scorer (--table, or python real.py --profile)")
+        result = evaluate.evaluate(model, suite, profiles, families, ratios if args.eval else [], methods, args.n,
+                                   args.length, args.seed, cfg, tuple(args.settings.split(",")),
+                                   args.json + ".partial.jsonl", model_id)
+        result["model"] = {"name": args.model, "id": model_id, "format": args.format, "dtype": args.dtype}
+        print(evaluate.full_cache_table(result) if args.full_cache else evaluate.format_table(result))
+        evaluate.write_json(args.json, result)
+
+    if args.demo:  # the shipped table, its heatmap and a small 80% table
+        path = default_table(args.model, scorers[0])
+        profile = lukv.load_profile(path, scorers[0], model_id, shape, cfg)[0]
+        print(lukv.heatmap(1 - profile[79], f"LU-KV budgets at 80% compression ({scorers[0]}): share of the "
+                                            f"context each head keeps"))
+        methods = [(scorers[0], a) for a in ("uniform", "pyramid", "adakv", "lukv")]
+        result = evaluate.evaluate(model, suite, {scorers[0]: profile}, families, [0.8], methods, 3, args.length,
+                                   args.seed, cfg)
+        print(evaluate.format_table(result))
+        print(f"demo took {time.time() - t0:.0f} s")
