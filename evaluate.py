@@ -543,7 +543,7 @@ if __name__ == "__main__":
     partial = args.json + ".partial.jsonl"
 
     if args.taskloss:
-        for s in scorers:
+        for s in (args.scorers.split(",") if args.scorers else ["snapkv"]):  # one profile takes minutes
             table = build_taskloss_profile(model, enc, s, cfg, max(1, args.calib_contexts // 2),
                                            max(1, args.calib_questions // 2), args.length)
             meta_p = lukv.profile_meta(s, model_id, cfg, utility="task loss (ours): calibration answer NLL with "
