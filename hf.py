@@ -140,17 +140,19 @@ class HFTokenizer:
     """
 
     def __init__(self, path=None, tokenizer=None, sha256=None, chat_template=None, bos_token=None,
-                 eos_token=None):
+                 eos_token=None, add_bos=False):
         if tokenizer is None:  # a tokenizer.json file
             tokenizer = _tokenizers().Tokenizer.from_file(path)
             with open(path, "rb") as f:
                 sha256 = hashlib.sha256(f.read()).hexdigest()
         self.tokenizer, self.sha256, self.chat_template = tokenizer, sha256, chat_template
         self.bos_token_id = self.token_id(bos_token)
+        self.add_bos = bool(add_bos) and self.bos_token_id is not None  # a plain prompt should start with BOS (Llama)
         self.eos_token_id = self.token_id(eos_token)
         # the token a chat model ends its turn with; ChatML models (SmolLM2, Qwen2) use <|im_end|> as eos too
         self.end_of_turn_id = next((i for i in map(self.token_id, END_OF_TURN) if i is not None), self.eos_token_id)
         self.stop_ids = sorted({i for i in (self.eos_token_id, self.end_of_turn_id) if i is not None})
+        self._compiled = (None, None)  # (template text, compiled jinja template) once render_chat is called
 
     @property
     def n_vocab(self):
@@ -181,18 +183,19 @@ class HFTokenizer:
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template (a folder's tokenizer_config.json or "
                              "chat_template.jinja, a GGUF's tokenizer.chat_template): use the plain text format")
-        from jinja2.ext import loopcontrols  # jinja2 comes with torch
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._compiled[0] != self.chat_template:  # compile once per template
+            from jinja2.ext import loopcontrols  # jinja2 comes with torch
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
-            raise ValueError(f"the chat template refused the messages: {message}")
+            def raise_exception(message):
+                raise ValueError(f"the chat template refused the messages: {message}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.globals["raise_exception"] = raise_exception
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = (self.chat_template, env.from_string(self.chat_template))
         special = {name: self.tokenizer.id_to_token(i) if i is not None else ""
                    for name, i in (("bos_token", self.bos_token_id), ("eos_token", self.eos_token_id))}
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          **special)
+        return self._compiled[1].render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
 
 
 def _token_text(value):
@@ -200,7 +203,7 @@ def _token_text(value):
     return value.get("content") if isinstance(value, dict) else value
 
 
-def load_tokenizer(folder):
+def folder_tokenizer(folder):
     """The tokenizer of a folder: tokenizer.json, with the chat template and special tokens of
     tokenizer_config.json / chat_template.jinja when the folder has them."""
     path = os.path.join(folder, "tokenizer.json")
@@ -215,9 +218,8 @@ def load_tokenizer(folder):
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if os.path.exists(jinja_path):  # transformers 5 saves the template beside the config
         template = open(jinja_path).read()
-    enc = HFTokenizer(path, chat_template=template, bos_token=_token_text(config.get("bos_token")),
-                      eos_token=_token_text(config.get("eos_token")))
-    return enc
+    return HFTokenizer(path, chat_template=template, bos_token=_token_text(config.get("bos_token")),
+                       eos_token=_token_text(config.get("eos_token")), add_bos=config.get("add_bos_token", False))
 
 
 # -----------------------------------------------------------------------------
@@ -300,31 +302,41 @@ def _dequantize(tensor):
 
 
 def llama3_rope_from_factors(factors, cfg):
-    """Llama 3.1's rope scaling from the per-frequency divisors that llama.cpp stores as rope_freqs.weight
-    (D/2,): the standard Llama 3.1 / 3.2 parameters that reproduce them, or a ValueError."""
-    tried = []
-    for factor in (8.0, 16.0, 32.0):
+    """Llama 3.1's rope scaling from the per-frequency divisors that llama.cpp stores instead (rope_freqs.weight,
+    (D/2,)): factor is the largest divisor; low_freq_factor 1 and high_freq_factor 4 (every Llama 3.x); the
+    original context is solved from a divisor between 1 and factor, or tried from powers of two. Any parameters
+    that reproduce the divisors give the same RoPE, so the first that does is returned; none: a ValueError."""
+    plain, _ = rope_frequencies(GPTConfig(**{**cfg, "rope_scaling": None}))  # (D/2,)
+    factor = float(factors.max())
+    wavelen = 2 * torch.pi / plain
+    # in the ramp, 1 / divisor = (1 - s) / factor + s with s = (old_context / wavelen - 1) / 3
+    ramp = (factors > 1 + 1e-4) & (factors < factor - 1e-4)
+    s = (1 / factors[ramp] - 1 / factor) / (1 - 1 / factor)
+    candidates = [round(float(c)) for c in wavelen[ramp] * (3 * s + 1)] + [2 ** k for k in range(20)]
+    for old_context in candidates:
         scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
-        plain, _ = rope_frequencies(GPTConfig(**{**cfg, "rope_scaling": None}))
+                   "original_max_position_embeddings": old_context}
         scaled, _ = rope_frequencies(GPTConfig(**{**cfg, "rope_scaling": scaling}))
         if torch.allclose(plain / scaled, factors, rtol=1e-4, atol=1e-6):
             return scaling
-        tried.append(factor)
-    raise ValueError(f"rope_freqs.weight holds per-frequency factors that no Llama 3 rope scaling reproduces "
-                     f"(tried factor {tried}, low 1, high 4, original context 8192); such a file is not supported")
+    raise ValueError(f"rope_freqs.weight holds per-frequency divisors {factors.tolist()[:6]}... that no Llama 3 "
+                     f"rope scaling (factor {factor}, low 1, high 4) reproduces; such a file is not supported")
 
 
 def gguf_config(reader, path="GGUF", block_size=None):
     """GPTConfig of a GGUF file's metadata; refuse, saying why, what is not a supported language model."""
     kind, arch = gguf_field(reader, "general.type", "model"), gguf_field(reader, "general.architecture")
     names = {t.name: t for t in reader.tensors}
-    if kind != "model" or "token_embd.weight" not in names or "blk.0.attn_q.weight" not in names:
-        what = f"general.type {kind!r}" if kind != "model" else "no token_embd / blk.0.attn_q tensors"
-        raise ValueError(f"{path} is not a language model ({what}, architecture {arch!r}); expected a language "
-                         f"model GGUF of architecture {', '.join(GGUF_ARCHITECTURES)}")
+    if kind != "model":  # "adapter" (a LoRA), "mmproj" (a vision projector), ...
+        raise ValueError(f"{path} is not a language model: general.type is {kind!r} (architecture {arch!r}); "
+                         f"expected a language model GGUF (general.type 'model') of architecture "
+                         f"{', '.join(GGUF_ARCHITECTURES)}")
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"{path}: architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    absent = [n for n in ("token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight") if n not in names]
+    if absent:
+        raise ValueError(f"{path} is not a complete language model: it has no {', '.join(absent)} "
+                         f"(found {sorted(names)[:5]})")
 
     def key(name, default=KeyError):
         value = gguf_field(reader, f"{arch}.{name}", default)
@@ -352,8 +364,14 @@ def gguf_config(reader, path="GGUF", block_size=None):
     elif scaling == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
     elif scaling == "yarn":
+        if key("rope.scaling.attn_factor", 1.0) != 1.0:  # llama.cpp's own factor on top of yarn's: not mapped
+            raise ValueError(f"{path}: yarn with rope.scaling.attn_factor {key('rope.scaling.attn_factor')} "
+                             f"is not supported")
+        yarn = {"beta_fast": key("rope.scaling.yarn_beta_fast", None),
+                "beta_slow": key("rope.scaling.yarn_beta_slow", None)}
         cfg["rope_scaling"] = {"rope_type": "yarn", "factor": float(key("rope.scaling.factor")),
-                               "original_max_position_embeddings": int(key("rope.scaling.original_context_length"))}
+                               "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
+                               **{k: float(v) for k, v in yarn.items() if v is not None}}
     elif scaling != "none":
         raise ValueError(f"{path}: rope scaling {scaling!r} is not supported; supported: none, linear, yarn, "
                          f"and Llama 3's rope_freqs")
@@ -465,7 +483,8 @@ def gguf_tokenizer(reader, path="GGUF"):
         return tokens[i] if i is not None and i < len(tokens) else None
 
     return HFTokenizer(tokenizer=tok, sha256=sha256, chat_template=gguf_field(reader, "tokenizer.chat_template"),
-                       bos_token=special("bos"), eos_token=special("eos"))
+                       bos_token=special("bos"), eos_token=special("eos"),
+                       add_bos=gguf_field(reader, "tokenizer.ggml.add_bos_token", False))
 
 
 def resolve(name):
@@ -475,6 +494,12 @@ def resolve(name):
     if name.endswith(".gguf") or os.path.isfile(name):
         return "gguf", name
     return "folder", name
+
+
+def load_tokenizer(name):
+    """The tokenizer alone of a folder, a GGUF file or "smollm2" (load_model gives it with the model)."""
+    kind, path = resolve(name)
+    return gguf_tokenizer(open_gguf(path), path) if kind == "gguf" else folder_tokenizer(path)
 
 
 # -----------------------------------------------------------------------------
@@ -498,7 +523,7 @@ def load_model(name, dtype=None, block_size=None):
     else:
         cfg = hf_config(path, block_size)
         model = GPT.from_pretrained(cfg, folder_tensors(path), dtype=dtype)
-        enc, model_id, source = load_tokenizer(path), folder_id(path), os.path.join(path, "tokenizer.json")
+        enc, model_id, source = folder_tokenizer(path), folder_id(path), os.path.join(path, "tokenizer.json")
     if enc.n_vocab > model.cfg.vocab_size:
         raise ValueError(f"{source}: the tokenizer has {enc.n_vocab} tokens, more than the model's "
                          f"{model.cfg.vocab_size} embeddings; are they from the same model?")
