@@ -86,7 +86,7 @@ def decode_rows(model, cache, follow_ids, max_new, stop_ids, done=None):
     each cut before its first stop token. done(ids) -> bool may end a row early (a newline rule)."""
     B, device = cache.B, cache.device
     logits = model(torch.tensor([follow_ids] * B, device=device), cache=cache, last_only=True)[:, -1]  # (B, V)
-    stops = torch.tensor(sorted(stop_ids), device=device)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     steps, finished = [], torch.zeros(B, dtype=torch.bool)
     for step in range(max_new):
         nxt = logits.argmax(-1)  # (B,)
@@ -108,6 +108,11 @@ def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
     each keeps and the share of oracle importance it drops."""
     prefix, follow = (item.context, item.question) if setting == "agnostic" else \
         (item.context + item.question[:-1], item.question[-1:])
+    if not methods:  # full cache alone: no oracle run, the answer stops by the suite's own rules
+        cache, _ = lukv.prefill(model, prefix, cfg)
+        full_ids = decode_rows(model, cache.clone(), follow, item.max_new, suite.stop_ids, suite.done(item))[0]
+        return {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
+                "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {}}
     cache, probe, full_ids, imp = run_full(model, prefix, follow, cfg, item.max_new, suite.stop_ids)
     full_ids = full_ids[:next((i for i, t in enumerate(full_ids) if t in suite.stop_ids), len(full_ids))]
     record = {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,

@@ -634,7 +634,7 @@ class GPT(nn.Module):
         """
         cache = cache if cache is not None else self.new_cache(idx.shape[0])
         stops = None if stop_token is None else torch.tensor(
-            [stop_token] if isinstance(stop_token, int) else sorted(stop_token), device=idx.device)
+            [stop_token] if isinstance(stop_token, int) else sorted(stop_token), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
         logits = self(idx, cache=cache, probe=probe, last_only=True)[:, -1]  # (B, V)
         out = []
