@@ -11,8 +11,9 @@ LU-KV picks per-head budgets so that the long-horizon utility lost is smallest o
                         || A[k, j] * v_j @ W_O[q] ||                       -> run_full
   3. loss curves        evict in the scorer's order, cumulative I lost     -> loss_curve
   4. convex hull        the lower convex hull (= PAVA on the increments)   -> lower_convex_hull
-  5. greedy solver      one global min-heap over hull slopes, one sweep    -> greedy_budget_table
-                        gives nested budgets for every ratio 1..99%:
+  5. greedy solver      one global min-heap over hull slopes (readable),  -> greedy_budget_table
+                        and its fast twin, one sort of hull segments; one
+                        sweep gives nested budgets for every ratio 1..99%:
                         a table [99, n_layer, n_kv_head] (kvpress LUKVPress layout)
   6. offline profiling  average the table over calibration contexts        -> build_profile
   7. online             look up the ratio, largest-remainder rounding,    -> allocate, compress
@@ -738,6 +739,14 @@ def _stable_argsort(order_scores):
     return (key & np.uint64(2**32 - 1)).astype(np.int64)  # (N, n)
 
 
+def host_array(x):
+    """A numpy array of x: torch tensors come to the CPU (bf16 / fp16 widened to fp32, exactly)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
+    return np.asarray(x)
+
+
 def head_curves(imp, scores, cfg):
     """Loss curves (N, n+1) over the evictable tokens, greedy floors (N,) and protected tokens per head, N = L * H.
 
@@ -747,8 +756,8 @@ def head_curves(imp, scores, cfg):
     L, H, T = imp.shape
     lo, hi = cfg.sink, max(cfg.sink, T - cfg.window)  # tokens [lo, hi) may be evicted
     floor = max(0, cfg.floor(T) - (T - (hi - lo)))  # evictable tokens each head keeps
-    utility = np.asarray(imp).reshape(L * H, T)[:, lo:hi]  # (N, n)
-    order_scores = np.asarray(scores).reshape(L * H, T)[:, lo:hi]  # (N, n)
+    utility = host_array(imp).reshape(L * H, T)[:, lo:hi]  # (N, n)
+    order_scores = host_array(scores).reshape(L * H, T)[:, lo:hi]  # (N, n)
     if not np.isfinite(utility).all() or np.isnan(order_scores).any():
         raise ValueError("expected finite utility and non-NaN scores (+inf marks protected tokens)")
     order = _stable_argsort(order_scores)  # (N, n) loss_curve's order in every row
@@ -1093,7 +1102,7 @@ def heatmap(keep_frac, title):
     for l in range(L):
         cells = "".join(shades[min(4, int(f * 5))] * 3 + " " for f in keep_frac[l])
         lines.append(f"layer {l:2d} {cells}  " + " ".join(f"{100 * f:3.0f}" for f in keep_frac[l]))
-    lines.append(f"        scale: ' ' <20%  ░ <40%  ▒ <60%  ▓ <80%  █ >=80%")
+    lines.append("        scale: ' ' <20%  ░ <40%  ▒ <60%  ▓ <80%  █ >=80%")
     return "\n".join(lines)
 
 

@@ -385,17 +385,15 @@ class KVCache:
     def repeat(self, n):
         """A cache of n * B rows: row i * B + b is a copy of row b (compress each row its own way,
         then decode all of them as one batch)."""
-        other = self.clone()
+        other = KVCache.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
         other.B = n * self.B
-        for layer in range(len(self.k)):
-            if self.k[layer] is None:
-                continue
-            N = self.k[layer].shape[0]
-            other.k[layer], other.v[layer] = self.k[layer].repeat(n, 1), self.v[layer].repeat(n, 1)  # (n*N, D)
-            other.pos[layer] = self.pos[layer].repeat(n)  # (n*N,)
-        copy = torch.arange(n, device=self.device).repeat_interleave(self.B)  # (n*B,) which copy a row is in
-        rows_per_layer = torch.tensor([k.shape[0] if k is not None else 0 for k in self.k], device=self.device)
-        other.start = self.start.repeat(1, n, 1) + (copy[None, :, None] * rows_per_layer[:, None, None])  # (L, n*B, H)
+        other.k = [t.repeat(n, 1) if t is not None else None for t in self.k]  # (n * N_l, D) each
+        other.v = [t.repeat(n, 1) if t is not None else None for t in self.v]
+        other.pos = [t.repeat(n) if t is not None else None for t in self.pos]  # (n * N_l,)
+        rows = torch.tensor([t.shape[0] if t is not None else 0 for t in self.k], device=self.device)  # (L,) N_l
+        copy = torch.arange(n, device=self.device).repeat_interleave(self.B)  # (n * B,) the copy a row is in
+        other.start = self.start.repeat(1, n, 1) + copy[None, :, None] * rows[:, None, None]  # (L, n * B, H)
         other.length, other.capacity = self.length.repeat(1, n, 1), self.capacity.repeat(1, n, 1)
         return other
 

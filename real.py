@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import asdict
 
@@ -276,7 +275,8 @@ def make_parser():
     parser.add_argument("--n", type=int, default=25, help="--eval: examples per family")
     parser.add_argument("--ratios", default="0.5,0.8,0.9")
     parser.add_argument("--settings", default="agnostic")
-    parser.add_argument("--seed", type=int, default=2, help="--eval: evaluation seed (2; the prompt format was chosen on seed 0; in-task profiles use 7)")
+    parser.add_argument("--seed", type=int, default=2, help="--eval: evaluation seed (the prompt format was "
+                        "chosen on seed 0; in-task profiles use seed 7)")
     # ---- output
     parser.add_argument("--out", default=None, metavar="TABLE.npy", help="--profile: the table to write "
                         "(several scorers: TABLE_<scorer>.npy; default checkpoints/<model>_<scorer>.npy)")

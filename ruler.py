@@ -27,7 +27,6 @@ import os
 import random
 import re
 import string
-from collections import Counter
 from dataclasses import dataclass, field
 
 import tasks

@@ -6,7 +6,6 @@ knockout cuts one head at a time, and every command README.md shows still names 
     python -m pytest -q test_evaluate.py
 """
 
-import json
 import os
 import re
 import subprocess
@@ -18,7 +17,6 @@ import torch
 
 import evaluate
 import lukv
-import tasks
 from evaluate import TinySuite
 from lukv import LUKVConfig
 from model import GPT, GPTConfig

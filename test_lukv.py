@@ -6,7 +6,6 @@ import os
 import random
 import subprocess
 import sys
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,8 +16,7 @@ from hypothesis.strategies import composite
 
 import lukv
 import tasks
-from lukv import (LUKVConfig, allocate, compress, dp_exact, greedy_budget_table, greedy_evictions,
-                  largest_remainder, loss_curve, lower_convex_hull, pava_slopes, relaxed_loss, true_loss)
+from lukv import LUKVConfig, allocate, compress, loss_curve, lower_convex_hull
 from model import GPT, GPTConfig, KVCache, Probe, load_checkpoint, save_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
