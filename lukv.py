@@ -1128,10 +1128,10 @@ def demo(model, enc, profile, cfg, ratio=0.8, n=8, length=1024, seed=2, log=prog
     lines = [f"exact match, {n} examples per family, {length} tokens, {ratio:.0%} compression, SnapKV scores, "
              f"query-agnostic (avg over the families the full cache gets >= 50% right)"]
     keep = [f for f in tasks.EVAL_FAMILIES if hits["full"][f] >= n / 2]
-    lines.append(f"{'':9s}" + "".join(f"{f.removeprefix('niah_'):>10s}" for f in tasks.EVAL_FAMILIES) + f"{'avg':>7s}")
+    lines.append(f"{'':9s}" + "".join(f"{f.removeprefix('niah_'):>12s}" for f in tasks.EVAL_FAMILIES) + f"{'avg':>7s}")
     for name, row in hits.items():
         avg = np.mean([row[f] / n for f in keep]) if keep else float("nan")
-        lines.append(f"{name:9s}" + "".join(f"{row[f] / n:10.2f}" for f in tasks.EVAL_FAMILIES) + f"{avg:7.2f}")
+        lines.append(f"{name:9s}" + "".join(f"{row[f] / n:12.2f}" for f in tasks.EVAL_FAMILIES) + f"{avg:7.2f}")
     return "\n".join(lines)
 
 
