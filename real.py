@@ -259,8 +259,9 @@ def make_parser():
                         help="smollm2, a .gguf file, or a Hugging Face folder (nothing is downloaded)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--format", default="chat", choices=ruler.FORMATS, help="prompt format: the chat template "
-                        "with the answer primed (SmolLM2's choice on development seed 0), or plain text")
+    parser.add_argument("--format", default=None, choices=ruler.FORMATS, help="prompt format: the chat template "
+                        "with the answer primed (SmolLM2's choice on development seed 0; the default when the "
+                        "tokenizer has a template), or plain text (the default without one)")
     parser.add_argument("--scorers", "--scorer", default="snapkv", help="comma list")
     parser.add_argument("--allocators", default="uniform,pyramid,adakv,lukv,shuffled,oracle",
                         help="comma list (intask: the in-task profiles of --intask)")
@@ -334,7 +335,9 @@ if __name__ == "__main__":
           f"{m.n_kv_head} KV heads, {args.dtype}, context {m.block_size}; loaded in {time.time() - t0:.0f} s)")
     if args.length > m.block_size:
         parser.error(f"--length {args.length} exceeds the model's context of {m.block_size} tokens")
-    suite = RulerSuite(enc, args.format)
+    fmt = args.format or ("chat" if getattr(enc, "chat_template", None) else "plain")
+    print(f"prompt format: {fmt}")
+    suite = RulerSuite(enc, fmt)
     families = args.families.split(",") if args.families else suite.families
     ratios = [float(r) for r in args.ratios.split(",")]
     for r in ratios:
@@ -383,7 +386,7 @@ if __name__ == "__main__":
         result = evaluate.evaluate(model, suite, profiles, families, ratios if args.eval else [], methods, args.n,
                                    args.length, args.seed, cfg, tuple(args.settings.split(",")),
                                    args.json + ".partial.jsonl", model_id)
-        result["model"] = {"name": args.model, "id": model_id, "format": args.format, "dtype": args.dtype}
+        result["model"] = {"name": args.model, "id": model_id, "format": fmt, "dtype": args.dtype}
         print(evaluate.full_cache_table(result) if args.full_cache else evaluate.format_table(result))
         evaluate.write_json(args.json, result)
 
