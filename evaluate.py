@@ -517,6 +517,8 @@ if __name__ == "__main__":
                         "compression (needs matplotlib)")
     parser.add_argument("--from", dest="from_json", default=None, metavar="RESULT.json",
                         help="--plot from a saved --eval result instead of running one")
+    parser.add_argument("--out-dir", default="runs/profiles", help="--taskloss: where the profile goes (the shipped "
+                        "one in checkpoints/ is replaced only when you name it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.plot and args.from_json:  # redraw the picture from a saved result
@@ -553,8 +555,10 @@ if __name__ == "__main__":
                                            max(1, args.calib_questions // 2), args.length)
             meta_p = lukv.profile_meta(s, model_id, cfg, utility="task loss (ours): calibration answer NLL with "
                                                                  f"one head cut, grid {TASKLOSS_GRID}")
-            lukv.save_profile(lukv.profile_path(args.checkpoint, "taskloss_" + s), table, meta_p)
-            print(f"wrote {lukv.profile_path(args.checkpoint, 'taskloss_' + s)}")
+            os.makedirs(args.out_dir, exist_ok=True)
+            path = os.path.join(args.out_dir, f"profile_taskloss_{s}.npy")
+            lukv.save_profile(path, table, meta_p)
+            print(f"wrote {path}")
 
     if args.knockout:
         n = args.n or 10

@@ -20,7 +20,7 @@ LU-KV picks per-head budgets so that the long-horizon utility lost is smallest o
                         keep each head's top tokens by the scorer
 
     python lukv.py --demo              # heatmap + a small evaluation at 80%, about a minute on a CPU
-    python lukv.py --profile           # rebuild the shipped profiles (checkpoints/profile_*.npy)
+    python lukv.py --profile           # the profiles, into runs/profiles/ (--out-dir checkpoints: the shipped ones)
 
 The experiments (the full evaluation grid, knockout, the task-loss utility) live in
 evaluate.py; real models (Hugging Face folders, GGUF files) in real.py.
@@ -1158,6 +1158,8 @@ if __name__ == "__main__":
     parser.add_argument("--calib-seed", type=int, default=0, help="--profile: calibration seed (calibration-N)")
     parser.add_argument("--calib-correct-only", action="store_true",
                         help="--profile (ours): only the calibration questions the model answers right")
+    parser.add_argument("--out-dir", default="runs/profiles", help="--profile: where profile_<scorer>.npy go (the "
+                        "shipped ones in checkpoints/ are replaced only when you name it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if not (args.demo or args.profile):
@@ -1181,8 +1183,10 @@ if __name__ == "__main__":
                                   normalise_values=cfg.normalise_values, correct_only=cfg.correct_only,
                                   calibration=f"tasks qa, {args.calib_contexts} contexts x {args.calib_questions} "
                                               f"questions, {args.length} tokens, seed calibration-{args.calib_seed}")
-            save_profile(profile_path(args.checkpoint, s), table, meta_p)
-            print(f"wrote {profile_path(args.checkpoint, s)} and its .json sidecar")
+            os.makedirs(args.out_dir, exist_ok=True)
+            path = os.path.join(args.out_dir, f"profile_{s}.npy")
+            save_profile(path, table, meta_p)
+            print(f"wrote {path} and its .json sidecar")
 
     if args.demo:
         t0 = time.time()

@@ -227,6 +227,12 @@ def default_table(model_name, scorer):
     return os.path.join(here, "checkpoints", f"{name}_{scorer}.npy") if model_name == "smollm2" else f"{name}_{scorer}.npy"
 
 
+def new_table(model_name, scorer):
+    """Where --profile writes without --out: runs/, never over a shipped table."""
+    name = os.path.basename(os.path.normpath(model_name)).removesuffix(".gguf")
+    return os.path.join("runs", f"{name}_{scorer}.npy")
+
+
 def load_tables(paths, model_id, shape, cfg):
     """{profile key: table} of the given .npy files; each sidecar names its scorer, and the loader refuses
     a table of another model, scorer, sink, window or SnapKV window by name."""
@@ -284,7 +290,8 @@ def make_parser():
                         "chosen on seed 0; in-task profiles use seed 7)")
     # ---- output
     parser.add_argument("--out", default=None, metavar="TABLE.npy", help="--profile: the table to write "
-                        "(several scorers: TABLE_<scorer>.npy; default checkpoints/<model>_<scorer>.npy)")
+                        "(several scorers: TABLE_<scorer>.npy; default runs/<model>_<scorer>.npy; the shipped "
+                        "checkpoints/smollm2_*.npy only when named)")
     parser.add_argument("--table", default=None, metavar="TABLE.npy[,...]", help="--eval: tables for lukv/shuffled "
                         "(default: the profile of each scorer, if it exists), and in-task tables")
     parser.add_argument("--json", default="real_eval.json")
@@ -321,7 +328,9 @@ if __name__ == "__main__":
     if args.threads:
         torch.set_num_threads(args.threads)
     scorers = args.scorers.split(",")
-    out = args.out or default_table(args.model, scorers[0] if len(scorers) == 1 else "profile")
+    out = args.out or new_table(args.model, scorers[0] if len(scorers) == 1 else "profile")
+    if args.profile and not args.out:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
     if args.profile and not out.endswith(".npy"):
         parser.error(f"--out must name a .npy file (kvpress reads .npy), got {out!r}")
     for path in ([out] if args.profile else []) + ([args.json] if args.eval or args.full_cache else []):
