@@ -213,7 +213,7 @@ def interval(scores):
         half = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return m, centre - half, centre + half
     half = 1.96 * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
-    return m, m - half, m + half
+    return m, max(0.0, m - half), min(1.0, m + half)  # normal, clipped to the scores' range
 
 
 def paired_difference(a, b):
