@@ -268,7 +268,8 @@ def make_parser():
     parser.add_argument("--format", default=None, choices=ruler.FORMATS, help="prompt format: the chat template "
                         "with the answer primed (SmolLM2's choice on development seed 0; the default when the "
                         "tokenizer has a template), or plain text (the default without one)")
-    parser.add_argument("--scorers", "--scorer", default="snapkv", help="comma list")
+    parser.add_argument("--scorers", "--scorer", default="expected_attention", help="comma list (default: the "
+                        "paper's scorer; SnapKV's query-free window ranks SmolLM2's tokens badly)")
     parser.add_argument("--allocators", default="uniform,pyramid,adakv,lukv,shuffled,oracle",
                         help="comma list (intask: the in-task profiles of --intask)")
     parser.add_argument("--sink", type=int, default=4)
