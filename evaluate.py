@@ -80,6 +80,11 @@ class TinySuite:
 # one example: a shared prefill, every method in one batched decode
 
 
+def cut_at_stop(ids, stop_ids):
+    """ids up to (not including) the first stop token."""
+    return ids[:next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))]
+
+
 @torch.no_grad()
 def decode_rows(model, cache, follow_ids, max_new, stop_ids, done=None):
     """Greedy answers of every row of a batched cache to the same follow_ids: B lists of token ids,
@@ -87,19 +92,18 @@ def decode_rows(model, cache, follow_ids, max_new, stop_ids, done=None):
     B, device = cache.B, cache.device
     logits = model(torch.tensor([follow_ids] * B, device=device), cache=cache, last_only=True)[:, -1]  # (B, V)
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    steps, finished = [], torch.zeros(B, dtype=torch.bool)
+    rows, finished = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool)
     for step in range(max_new):
         nxt = logits.argmax(-1)  # (B,)
-        steps.append(nxt.cpu())
+        for row, token in zip(rows, nxt.tolist()):
+            row.append(token)
         finished |= torch.isin(nxt, stops).cpu()
-        if done is not None:
-            rows = torch.stack(steps, dim=1).tolist()
-            finished |= torch.tensor([done(row) for row in rows])
+        if done is not None:  # rows already finished need no second look
+            finished |= torch.tensor([bool(f) or done(row) for f, row in zip(finished.tolist(), rows)])
         if bool(finished.all()) or step == max_new - 1:
             break
         logits = model(nxt[:, None], cache=cache)[:, -1]
-    rows = torch.stack(steps, dim=1).tolist()  # (B, steps)
-    return [row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
+    return [cut_at_stop(row, stop_ids) for row in rows]
 
 
 @torch.no_grad()
@@ -114,7 +118,7 @@ def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
         return {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
                 "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {}}
     cache, probe, full_ids, imp = run_full(model, prefix, follow, cfg, item.max_new, suite.stop_ids)
-    full_ids = full_ids[:next((i for i, t in enumerate(full_ids) if t in suite.stop_ids), len(full_ids))]
+    full_ids = cut_at_stop(full_ids, suite.stop_ids)
     record = {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
               "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {}}
     for scorer in dict.fromkeys(s for s, _ in methods):
