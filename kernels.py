@@ -458,7 +458,9 @@ def evict(k, v, scores, counts, sink=0, window=0, slack=32, impl="auto"):
 #   bytes: read every kept K and V row once, 2 * sum(length) * D * elt (q, the output and the partial
 #   results are O(B*H*G*D)). D1 (B=1, 32 heads, 20% of 32k, D=128 bf16): 107 MB -> 36 us at 3.0 TB/s;
 #   full-cache SDPA reads 537 MB (179 us), so a 20% cache can be at most 5x faster.
-#   v1: pad every head to the longest, mask, softmax (the reference)
+#   v1: one head at a time over a view of its own rows: softmax(q k^T * scale) v (the reference;
+#       it reads only the kept rows, so on the CPU it is also the fast one)
+#   v2: every head padded to the longest and masked, one graph under torch.compile
 
 
 def _check_decode(q, k_packed, v_packed, start, length, dtypes):
@@ -475,7 +477,9 @@ def _check_decode(q, k_packed, v_packed, start, length, dtypes):
 
 
 def _attend_padded(q, k_packed, v_packed, start, length, scale, kmax):
-    """q (B, H, G, D) over each head's first length rows -> out (B, H, G, D), probs (B, H, G, K) (0 past a length)."""
+    """q (B, H, G, D) over each head's first length rows -> out (B, H, G, D), probs (B, H, G, K) (0 past a length).
+
+    Every head is padded to the longest, so it reads B * H * kmax rows: one shape for torch.compile (v2)."""
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     slots = torch.arange(kmax, device=q.device)
     valid = slots < length[..., None]  # (B, H, K)
@@ -488,19 +492,54 @@ def _attend_padded(q, k_packed, v_packed, start, length, scale, kmax):
     return torch.einsum("bhgk,bhkd->bhgd", probs, values).to(q.dtype), probs  # (B, H, G, D), (B, H, G, K)
 
 
-def decode_v1(q, k_packed, v_packed, start, length, scale=None, compiled=False, return_probs=False):
-    """One decode step over the packed cache; fp64 inputs give fp64. return_probs: also the weights (B, H, G, K)."""
-    _check_decode(q, k_packed, v_packed, start, length, FLOAT_DTYPES + (() if compiled else (torch.float64,)))
+def attend_rows(q, k_packed, v_packed, start, length, scale=None, return_probs=False):
+    """A chunk of Tq new tokens per head attends to that head's rows, one head at a time (plain PyTorch).
+
+    q (B, H, G, Tq, D); head (b, h) owns rows start .. start + length of k_packed, v_packed (N, D), and
+    its last Tq rows are the chunk's own tokens: token t sees the rows before length - (Tq - 1 - t).
+    Tq = 1 is a decode step. Returns out (B, H, G, Tq, D) and, if return_probs, the weights
+    (B, H, G, Tq, K) over each head's first K = max length rows (0 past a head's length), else None.
+    Each head's rows are a view, never copied or padded, so it reads sum(length) rows, not B * H * K.
+    """
+    B, H, G, Tq, D = q.shape
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
     kmax = int(length.max()) if length.numel() else 0
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    attend = _compiled(_attend_padded, q.device.type) if compiled else _attend_padded
-    out, probs = attend(q, k_packed, v_packed, start, length, scale, kmax)
-    return (out, probs) if return_probs else out
+    qs = (q.to(ct) * scale).view(B, H, G * Tq, D)  # every query head's Tq tokens as rows of one matrix
+    out = torch.zeros(B, H, G * Tq, D, dtype=ct, device=q.device)
+    probs = torch.zeros(B, H, G, Tq, kmax, dtype=ct, device=q.device) if return_probs else None
+    future = torch.ones(Tq, Tq, dtype=torch.bool, device=q.device).triu(1)  # the chunk's later tokens
+    for b, (starts, lengths) in enumerate(zip(start.tolist(), length.tolist())):
+        for h, (s, n) in enumerate(zip(starts, lengths)):
+            if n == 0:
+                continue  # an empty head attends to nothing: zeros
+            keys, values = k_packed[s:s + n], v_packed[s:s + n]  # (n, D) views of this head's rows
+            if keys.dtype != ct:
+                keys, values = keys.to(ct), values.to(ct)
+            scores = qs[b, h] @ keys.T  # (G * Tq, n)
+            if Tq > 1:  # token t may not see the chunk's tokens after it
+                scores.view(G, Tq, n)[:, :, n - Tq:].masked_fill_(future, float("-inf"))
+            p = torch.softmax(scores, dim=-1)  # (G * Tq, n)
+            torch.mm(p, values, out=out[b, h])
+            if return_probs:
+                probs[b, h, :, :, :n] = p.view(G, Tq, n)
+    return out.view(B, H, G, Tq, D).to(q.dtype), probs
+
+
+def decode_v1(q, k_packed, v_packed, start, length, scale=None, return_probs=False):
+    """One decode step over the packed cache, a head at a time; fp64 inputs give fp64.
+    return_probs: also the weights (B, H, G, K)."""
+    _check_decode(q, k_packed, v_packed, start, length, FLOAT_DTYPES + (torch.float64,))
+    out, probs = attend_rows(q[:, :, :, None], k_packed, v_packed, start, length, scale, return_probs)
+    return (out[:, :, :, 0], probs[:, :, :, 0]) if return_probs else out[:, :, :, 0]
 
 
 def decode_v2(q, k_packed, v_packed, start, length, scale=None):
-    """v1 under torch.compile."""
-    return decode_v1(q, k_packed, v_packed, start, length, scale, compiled=True)
+    """v1's math with every head padded to the longest and masked, as one graph under torch.compile."""
+    _check_decode(q, k_packed, v_packed, start, length, FLOAT_DTYPES)
+    kmax = int(length.max()) if length.numel() else 0
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _compiled(_attend_padded, q.device.type)(q, k_packed, v_packed, start, length, scale, kmax)[0]
 
 
 # -----------------------------------------------------------------------------

@@ -333,24 +333,15 @@ class KVCache:
             return out.to(q.dtype), probs
         return kernels.decode_attention(*args, impl=self.impl).to(q.dtype), None
 
-    def attend_chunk(self, layer, q):
+    def attend_chunk(self, layer, q, need_probs=False):
         """A chunk of Tq new tokens (already appended) attends to each head's rows, token t to the rows
-        before it and itself: q (B, H, G, Tq, D) -> (out (B, H, G, Tq, D), probs (B, H, G, Tq, K)).
+        before it and itself: q (B, H, G, Tq, D) -> (out (B, H, G, Tq, D), probs (B, H, G, Tq, K) or None).
 
-        The plain PyTorch math of attend (v1, padded to the longest head) with a causal mask inside
-        the chunk; feeding a question this way costs one pass, not Tq decode steps."""
-        Tq, length = q.shape[3], self.length[layer]  # (B, H)
-        K = int(length.max())
-        slots = torch.arange(K, device=self.device)
-        rows = self._rows(layer, slots.expand(*length.shape, K)).clamp(max=self.k[layer].shape[0] - 1)  # (B, H, K)
-        keys, values = self.k[layer][rows], self.v[layer][rows]  # (B, H, K, D) each
-        # token t of the chunk sees every row before the chunk's later tokens: slot < length - (Tq - 1 - t)
-        last = length[..., None] - (Tq - 1 - torch.arange(Tq, device=self.device))  # (B, H, Tq)
-        mask = slots[None, None, None, :] < last[..., None]  # (B, H, Tq, K)
-        probs = attention_probs(q, keys, mask[:, :, None])  # (B, H, G, Tq, K)
-        values = values.masked_fill(~mask[:, :, -1, :, None], 0)  # spare rows are uninitialised
-        out = torch.einsum("bhgtk,bhkd->bhgtd", probs, values.float()).to(q.dtype)  # (B, H, G, Tq, D)
-        return out, probs
+        kernels.attend_rows, the per-head math of attend (v1) with a causal mask inside the chunk;
+        feeding a question this way costs one pass, not Tq decode steps."""
+        out, probs = kernels.attend_rows(q.to(self.dtype).contiguous(), self.k[layer], self.v[layer],
+                                         self.start[layer], self.length[layer], return_probs=need_probs)
+        return out.to(q.dtype), probs
 
     def evict(self, layer, scores, counts, sink=0, window=0):
         """Evict by score right after prefill: head (b, h) keeps its counts[b, h] best tokens.
@@ -498,8 +489,9 @@ class Attention(nn.Module):
             start = cache.seen
             for t in range(T):
                 cache.append(self.layer_idx, k[:, :, t], v[:, :, t], position=start + t)
-            y, probs = cache.attend_chunk(self.layer_idx, q.view(B, H, G, T, D))  # (B, H, G, T, D)
-            if probe is not None:
+            need_probs = probe is not None and probe.decode  # only the oracle's probe reads the weights
+            y, probs = cache.attend_chunk(self.layer_idx, q.view(B, H, G, T, D), need_probs)  # (B, H, G, T, D)
+            if need_probs:
                 for t in range(T):  # the oracle sees every token of the chunk as one decode step
                     probe.record_decode(self.layer_idx, probs[:, :, :, t], step=t - T)
             y = y.permute(0, 3, 1, 2, 4).reshape(B, T, H * G * D)  # (B, T, H*G*D)

@@ -340,6 +340,26 @@ def test_decode_matches_fp64_reference(impl, dtype, D, G, lengths):
     assert torch.equal(got.cpu()[empty], torch.zeros_like(got.cpu()[empty])), "an empty head attends to nothing"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_chunk_is_its_tokens_decoded_one_after_another(dtype):
+    """attend_rows over a chunk of Tq tokens: token t's output is a decode step over its head's rows up to
+    length - (Tq - 1 - t) (fp64 reference), its weights are 0 past that row, and each weight row sums to 1."""
+    Tq, G, D = 3, 2, 16
+    lengths = torch.tensor([[7, 3], [12, 5]])  # every head holds the chunk's 3 rows at its end
+    k, v, start, length, _ = packed_cache(lengths, D, dtype)
+    q = torch.randn(2, 2, G, Tq, D, generator=torch.Generator().manual_seed(2)).to(dtype).to(DEV)
+    out, probs = kernels.attend_rows(q, k, v, start, length, return_probs=True)
+    assert out.shape == q.shape and probs.shape == (2, 2, G, Tq, 12)
+    for t in range(Tq):
+        seen = length - (Tq - 1 - t)  # (B, H): the rows token t may see
+        want = reference_decode(q[:, :, :, t], k, v, start, seen)
+        assert (out[:, :, :, t].double().cpu() - want).abs().max().item() <= TOL[dtype], t
+        past = torch.arange(12, device=DEV) >= seen[..., None, None].to(DEV)  # (B, H, 1, 12)
+        assert torch.equal(probs[:, :, :, t][past.expand(-1, -1, G, -1)].cpu(), torch.zeros(int(past.sum()) * G,
+                                                                                              dtype=probs.dtype))
+    assert torch.allclose(probs.sum(-1).double().cpu(), torch.ones(2, 2, G, Tq, dtype=torch.float64), atol=1e-5)
+
+
 @needs_triton
 @pytest.mark.parametrize("chunk", [5, 16, 64, None])
 def test_decode_split_count_does_not_change_the_answer(chunk):
