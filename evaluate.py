@@ -298,6 +298,64 @@ def full_cache_table(result):
 
 
 # -----------------------------------------------------------------------------
+# profiling: one calibration context at a time, each kept on disk so an interrupted run resumes
+
+
+def context_key(model_id, ctx_ids, questions, cfg):
+    """What a context's tables depend on, hashed: the model, the tokens and the method's settings."""
+    blob = json.dumps({"model": model_id, "context": ctx_ids, "questions": questions, "config": asdict(cfg)})
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def save_npy(path, array):
+    with open(path + ".tmp", "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, array)
+    os.replace(path + ".tmp", path)  # atomic: an interrupted write never leaves a half table behind
+
+
+@torch.no_grad()
+def profile_contexts(model, model_id, contexts, scorers, cfg, cache_dir, stop_token=None, log=progress):
+    """Average the per-(context, question) tables of every scorer; contexts already in cache_dir are reused.
+
+    contexts: (context ids, [question ids, ...]); each question's future is itself (teacher-forced)
+    followed by the model's own next cfg.horizon tokens (lukv.calibration_tables). For plain text
+    the one "question" is the text's own continuation. Returns ({scorer: (99, L, H)}, counts of
+    contexts computed and reused)."""
+    os.makedirs(cache_dir, exist_ok=True)
+    tables, computed, reused, t0 = {s: [] for s in scorers}, 0, 0, time.time()
+    for i, (ctx_ids, questions) in enumerate(contexts):
+        key = context_key(model_id, ctx_ids, questions, cfg)
+        paths = {s: os.path.join(cache_dir, f"{key}_{s}.npy") for s in scorers}
+        todo = [s for s in scorers if not os.path.exists(paths[s])]
+        if todo:
+            got = lukv.calibration_tables(model, ctx_ids, questions, todo, cfg, stop_token)
+            for s in todo:
+                save_npy(paths[s], np.stack(got[s]))  # (questions, 99, L, H)
+            computed += 1
+        else:
+            reused += 1
+        for s in scorers:
+            tables[s] += list(np.load(paths[s]))
+        left = len(contexts) - i - 1
+        eta = (time.time() - t0) / max(computed, 1) * left
+        log(i + 1, len(contexts), f"profile {','.join(scorers)}: context {i + 1}/{len(contexts)} ({computed} "
+            f"computed, {reused} read from {cache_dir}, {time.time() - t0:.0f} s, ETA {eta:.0f} s)")
+    return {s: np.mean(t, axis=0) for s, t in tables.items()}, {"computed": computed, "reused": reused}
+
+
+def family_calibration_contexts(suite, family, n, length, seed):
+    """(context ids, [question ids]) of one evaluation family from other seeds (the in-task profile)."""
+    return [(item.context, [item.question]) for item in suite.items(family, n, length, seed)]
+
+
+def budget_correlation(tables, row=79):
+    """Pearson correlation of per-head keep shares at one ratio between every two profiles: {(a, b): r}."""
+    names = list(tables)
+    keep = {n: (1 - tables[n][row]).ravel() for n in names}
+    return {(a, b): float(np.corrcoef(keep[a], keep[b])[0, 1]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+# -----------------------------------------------------------------------------
 # knockout: which heads matter
 
 
@@ -469,12 +527,15 @@ def plot(result, path, profile=None, scorer="snapkv"):
     safe_write(path, lambda p: fig.savefig(p, dpi=120), "lukv_eval.png")
 
 
-def load_profiles(checkpoint, model_id, shape, scorers, cfg):
-    """{scorer: table} for LU-KV and {'taskloss_' + scorer: table} for ours, where the files exist."""
+def load_profiles(checkpoint, model_id, shape, scorers, cfg, intask_dir=None, families=()):
+    """{scorer: table} for LU-KV, {'taskloss_' + scorer: table} for ours, and the in-task profiles
+    {'intask_<family>_<scorer>': table} that `--intask` wrote to intask_dir, where the files exist."""
     out = {}
     for s in scorers:
-        for key in (s, "taskloss_" + s):
-            path = lukv.profile_path(checkpoint, key)
+        paths = {key: lukv.profile_path(checkpoint, key) for key in (s, "taskloss_" + s)}
+        if intask_dir:
+            paths.update({f"intask_{f}_{s}": os.path.join(intask_dir, f"profile_intask_{f}_{s}.npy") for f in families})
+        for key, path in paths.items():
             if os.path.exists(path):
                 out[key] = lukv.load_profile(path, s, model_id, shape, cfg)[0]
     return out
@@ -498,6 +559,8 @@ if __name__ == "__main__":
     parser.add_argument("--full-cache", action="store_true", help="only the full-cache accuracy per family")
     parser.add_argument("--knockout", action="store_true", help="accuracy with one head at a time cut to sink + window")
     parser.add_argument("--taskloss", action="store_true", help="(ours) build the task-loss profile for --scorers")
+    parser.add_argument("--intask", action="store_true", help="diagnostic: one profile per family from seed 7 (the "
+                        "in-task profile, read by the intask allocator) and the budget correlations between them")
     # ---- model and method
     parser.add_argument("--checkpoint", default=lukv.DEFAULT_CHECKPOINT)
     parser.add_argument("--scorers", "--scorer", default=None, help="comma list (default: " + ",".join(SCORERS) + ")")
@@ -521,8 +584,9 @@ if __name__ == "__main__":
                         "compression (needs matplotlib)")
     parser.add_argument("--from", dest="from_json", default=None, metavar="RESULT.json",
                         help="--plot from a saved --eval result instead of running one")
-    parser.add_argument("--out-dir", default="runs/profiles", help="--taskloss: where the profile goes (the shipped "
-                        "one in checkpoints/ is replaced only when you name it)")
+    parser.add_argument("--out-dir", default="runs/profiles", help="--taskloss, --intask: where the profiles go (the "
+                        "shipped ones in checkpoints/ are replaced only when you name it); --eval reads in-task "
+                        "profiles from here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
     if args.plot and args.from_json:  # redraw the picture from a saved result
@@ -534,7 +598,7 @@ if __name__ == "__main__":
                                     (m.cfg.n_layer, m.cfg.n_kv_head), cfg)[0]
         plot(saved, args.plot, profile)
         sys.exit(0)
-    if not (args.eval or args.full_cache or args.knockout or args.taskloss):
+    if not (args.eval or args.full_cache or args.knockout or args.taskloss or args.intask):
         parser.print_help()
         sys.exit(0)
     if args.threads:
@@ -564,6 +628,27 @@ if __name__ == "__main__":
             lukv.save_profile(path, table, meta_p)
             print(f"wrote {path}")
 
+    if args.intask:  # one profile per family, from seed 7 (neither evaluation, development nor calibration)
+        os.makedirs(args.out_dir, exist_ok=True)
+        tables = {}
+        for family in families:
+            contexts = family_calibration_contexts(suite, family, args.calib_contexts, args.length, 7)
+            got, counts = profile_contexts(model, model_id, contexts, scorers, cfg,
+                                           os.path.join(args.out_dir, f"intask_{family}.cache"), suite.stop_ids)
+            for s, table in got.items():
+                path = os.path.join(args.out_dir, f"profile_intask_{family}_{s}.npy")
+                lukv.save_profile(path, table, lukv.profile_meta(
+                    s, model_id, cfg, key=f"intask_{family}_{s}", horizon=cfg.horizon,
+                    calibration=f"in-task: {family}, seed 7, {len(contexts)} examples", **counts))
+                print(f"wrote {path}")
+            tables[family] = got[scorers[0]]
+        calib = lukv.profile_path(args.checkpoint, scorers[0])
+        if os.path.exists(calib):
+            tables["calibration"] = lukv.load_profile(calib, scorers[0], model_id, shape, cfg)[0]
+        print(f"correlation of per-head keep shares at 80% ({scorers[0]}):")
+        for (a, b), r in budget_correlation(tables).items():
+            print(f"  {a:16s} {b:16s} {r:+.2f}")
+
     if args.knockout:
         n = args.n or 10
         acc = knockout(model, suite, families, n, args.length, args.seed, cfg)
@@ -579,8 +664,14 @@ if __name__ == "__main__":
         write_json(args.json, result)
 
     if args.eval:
-        profiles = load_profiles(args.checkpoint, model_id, shape, scorers, cfg)
-        methods = method_list(scorers, args.allocators.split(",") if args.allocators else ALLOCATORS, profiles)
+        allocators = args.allocators.split(",") if args.allocators else ALLOCATORS
+        profiles = load_profiles(args.checkpoint, model_id, shape, scorers, cfg,
+                                 args.out_dir if "intask" in allocators else None, families)
+        missing = [f for f in families if "intask" in allocators and not any(k.startswith(f"intask_{f}_") for k in profiles)]
+        if missing:
+            sys.exit(f"the intask allocator needs the in-task profiles of {missing} in {args.out_dir}: make them with "
+                     f"python evaluate.py --intask --families {','.join(missing)} --out-dir {args.out_dir}")
+        methods = method_list(scorers, allocators, profiles)
         methods += [("streaming", "uniform")]
         result = evaluate(model, suite, profiles, families, ratios, methods, args.n or 10, args.length, args.seed,
                           cfg, tuple(args.settings.split(",")), partial, model_id)

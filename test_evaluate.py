@@ -6,6 +6,7 @@ knockout cuts one head at a time, and every command README.md shows still names 
     python -m pytest -q test_evaluate.py
 """
 
+import json
 import os
 import re
 import subprocess
@@ -144,6 +145,28 @@ def test_knockout_cuts_each_head_once_and_nothing_when_the_window_covers_the_con
     acc = evaluate.knockout(model, suite, ["niah_single"], 1, 64, 5, wide, **QUIET)
     full = evaluate.evaluate(model, suite, {}, ["niah_single"], [], [], 1, 64, 5, wide, **QUIET)["records"][0]["full"]
     assert (acc == full).all(), (acc[..., 0], full)
+
+
+def test_in_task_profiles_are_written_and_read_by_the_intask_allocator(tmp_path):
+    """--intask writes one profile per family (its sidecar keyed intask_<family>_<scorer>); --eval's
+    intask allocator reads it, and without it the run stops at once, naming the command that makes it."""
+    cmd = [sys.executable, os.path.join(HERE, "evaluate.py"), "--families", "niah_single", "--scorers", "snapkv",
+           "--length", "256", "--threads", "1", "--out-dir", str(tmp_path / "p")]
+    run = subprocess.run(cmd + ["--eval", "--allocators", "intask", "--n", "1", "--json", str(tmp_path / "e.json")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode != 0 and "python evaluate.py --intask --families niah_single" in run.stderr, run.stderr
+    run = subprocess.run(cmd + ["--intask", "--calib-contexts", "2"], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    path = tmp_path / "p" / "profile_intask_niah_single_snapkv.npy"
+    table, meta = lukv.load_profile(str(path), "snapkv", lukv.file_id(CHECKPOINT), (6, 4), LUKVConfig())
+    assert table.shape == (99, 6, 4) and meta["key"] == "intask_niah_single_snapkv"
+    assert "niah_single      calibration" in run.stdout  # the budget correlation with the shipped profile
+    run = subprocess.run(cmd + ["--eval", "--allocators", "lukv,intask", "--n", "1", "--ratios", "0.8",
+                                "--settings", "agnostic", "--json", str(tmp_path / "e.json")],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    record = json.load(open(tmp_path / "e.json"))["records"][0]
+    assert {"snapkv|lukv|0.8", "snapkv|intask|0.8"} <= set(record["methods"])
 
 
 def test_a_bad_output_folder_is_refused_before_the_run():
