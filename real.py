@@ -271,11 +271,11 @@ if __name__ == "__main__":
         torch.set_num_threads(args.threads)
     scorers = args.scorers.split(",")
     out = args.out or new_table(args.model, scorers[0] if len(scorers) == 1 else "profile")
-    if args.profile and not args.out:
+    if (args.profile or args.intask) and not args.out:
         os.makedirs(os.path.dirname(out), exist_ok=True)
-    if args.profile and not out.endswith(".npy"):
+    if (args.profile or args.intask) and not out.endswith(".npy"):
         parser.error(f"--out must name a .npy file (kvpress reads .npy), got {out!r}")
-    for path in ([out] if args.profile else []) + ([args.json] if args.eval or args.full_cache else []):
+    for path in ([out] if args.profile or args.intask else []) + ([args.json] if args.eval or args.full_cache else []):
         evaluate.check_writable(path)  # a long run never dies at its end on a bad path
     cfg = LUKVConfig(sink=args.sink, window=args.window, horizon=args.horizon, snap_window=args.snap_window)
     t0 = time.time()
