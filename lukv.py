@@ -1139,6 +1139,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- what to do
     parser.add_argument("--demo", action="store_true", help="heatmap + small evaluation at 80%% (about a minute on a CPU)")
+    parser.add_argument("--model", default=None, help="real models live one floor up: python real.py --demo --model "
+                        "smollm2 (this file stays on the shipped tiny model)")
     parser.add_argument("--profile", action="store_true", help="rebuild the profiles next to the checkpoint")
     # ---- model and method
     parser.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -1162,6 +1164,9 @@ if __name__ == "__main__":
                         "shipped ones in checkpoints/ are replaced only when you name it)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.model:  # lukv.py imports no real-model code (hf.py sits above it): say where that demo lives
+        parser.error(f"--model {args.model}: real models run from real.py, which reads them with hf.py; "
+                     f"run python real.py {'--demo' if args.demo else '--profile'} --model {args.model}")
     if not (args.demo or args.profile):
         parser.print_help()
         sys.exit(0)

@@ -135,3 +135,11 @@ def test_cli_profiles_and_evaluates_a_folder(folders, tmp_path):
                                         "--families", "niah_single", "--json", str(tmp_path / "e2.json")],
                          capture_output=True, text=True, cwd=str(tmp_path))
     assert run.returncode != 0 and "sink 4, not 2" in run.stderr, run.stderr[-500:]
+
+
+def test_the_tiny_demo_points_a_real_model_to_real_py():
+    """lukv.py imports nothing above it: asked for a real model, it names the real.py command instead of
+    failing on an unknown flag or running the tiny model."""
+    run = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lukv.py"),
+                          "--demo", "--model", "smollm2"], capture_output=True, text=True)
+    assert run.returncode == 2 and "python real.py --demo --model smollm2" in run.stderr, run.stderr
