@@ -343,8 +343,11 @@ def profile_contexts(model, model_id, contexts, scorers, cfg, cache_dir, stop_to
     return {s: np.mean(t, axis=0) for s, t in tables.items()}, {"computed": computed, "reused": reused}
 
 
-def family_calibration_contexts(suite, family, n, length, seed):
-    """(context ids, [question ids]) of one evaluation family from other seeds (the in-task profile)."""
+INTASK_SEED = 7  # in-task profiles: neither a development (0, 1), an evaluation (2) nor a calibration seed
+
+
+def family_calibration_contexts(suite, family, n, length, seed=INTASK_SEED):
+    """(context ids, [question ids]) of one evaluation family from another seed (the in-task profile)."""
     return [(item.context, [item.question]) for item in suite.items(family, n, length, seed)]
 
 
@@ -353,6 +356,12 @@ def budget_correlation(tables, row=79):
     names = list(tables)
     keep = {n: (1 - tables[n][row]).ravel() for n in names}
     return {(a, b): float(np.corrcoef(keep[a], keep[b])[0, 1]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def correlation_report(tables, scorer, row=79):
+    """budget_correlation as the lines --intask prints (tables: {name: (99, L, H)})."""
+    lines = [f"correlation of per-head keep shares at {row + 1}% ({scorer}):"]
+    return "\n".join(lines + [f"  {a:16s} {b:16s} {r:+.2f}" for (a, b), r in budget_correlation(tables, row).items()])
 
 
 # -----------------------------------------------------------------------------
@@ -559,8 +568,8 @@ if __name__ == "__main__":
     parser.add_argument("--full-cache", action="store_true", help="only the full-cache accuracy per family")
     parser.add_argument("--knockout", action="store_true", help="accuracy with one head at a time cut to sink + window")
     parser.add_argument("--taskloss", action="store_true", help="(ours) build the task-loss profile for --scorers")
-    parser.add_argument("--intask", action="store_true", help="diagnostic: one profile per family from seed 7 (the "
-                        "in-task profile, read by the intask allocator) and the budget correlations between them")
+    parser.add_argument("--intask", action="store_true", help=f"diagnostic: one profile per family from seed "
+                        f"{INTASK_SEED} (the in-task profile the intask allocator reads) and the budget correlations")
     # ---- model and method
     parser.add_argument("--checkpoint", default=lukv.DEFAULT_CHECKPOINT)
     parser.add_argument("--scorers", "--scorer", default=None, help="comma list (default: " + ",".join(SCORERS) + ")")
@@ -628,26 +637,24 @@ if __name__ == "__main__":
             lukv.save_profile(path, table, meta_p)
             print(f"wrote {path}")
 
-    if args.intask:  # one profile per family, from seed 7 (neither evaluation, development nor calibration)
+    if args.intask:  # one profile per family, from INTASK_SEED
         os.makedirs(args.out_dir, exist_ok=True)
         tables = {}
         for family in families:
-            contexts = family_calibration_contexts(suite, family, args.calib_contexts, args.length, 7)
+            contexts = family_calibration_contexts(suite, family, args.calib_contexts, args.length)
             got, counts = profile_contexts(model, model_id, contexts, scorers, cfg,
                                            os.path.join(args.out_dir, f"intask_{family}.cache"), suite.stop_ids)
             for s, table in got.items():
                 path = os.path.join(args.out_dir, f"profile_intask_{family}_{s}.npy")
                 lukv.save_profile(path, table, lukv.profile_meta(
                     s, model_id, cfg, key=f"intask_{family}_{s}", horizon=cfg.horizon,
-                    calibration=f"in-task: {family}, seed 7, {len(contexts)} examples", **counts))
+                    calibration=f"in-task: {family}, seed {INTASK_SEED}, {len(contexts)} examples", **counts))
                 print(f"wrote {path}")
             tables[family] = got[scorers[0]]
         calib = lukv.profile_path(args.checkpoint, scorers[0])
         if os.path.exists(calib):
             tables["calibration"] = lukv.load_profile(calib, scorers[0], model_id, shape, cfg)[0]
-        print(f"correlation of per-head keep shares at 80% ({scorers[0]}):")
-        for (a, b), r in budget_correlation(tables).items():
-            print(f"  {a:16s} {b:16s} {r:+.2f}")
+        print(correlation_report(tables, scorers[0]))
 
     if args.knockout:
         n = args.n or 10
@@ -667,7 +674,8 @@ if __name__ == "__main__":
         allocators = args.allocators.split(",") if args.allocators else ALLOCATORS
         profiles = load_profiles(args.checkpoint, model_id, shape, scorers, cfg,
                                  args.out_dir if "intask" in allocators else None, families)
-        missing = [f for f in families if "intask" in allocators and not any(k.startswith(f"intask_{f}_") for k in profiles)]
+        missing = [f for f in families if "intask" in allocators
+                   and not any(k.startswith(f"intask_{f}_") for k in profiles)]
         if missing:
             sys.exit(f"the intask allocator needs the in-task profiles of {missing} in {args.out_dir}: make them with "
                      f"python evaluate.py --intask --families {','.join(missing)} --out-dir {args.out_dir}")

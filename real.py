@@ -229,7 +229,7 @@ def make_parser():
     parser.add_argument("--ratios", default="0.5,0.8,0.9")
     parser.add_argument("--settings", default="agnostic")
     parser.add_argument("--seed", type=int, default=2, help="--eval: evaluation seed (the prompt format was "
-                        "chosen on seed 0; in-task profiles use seed 7)")
+                        f"chosen on seed 0; in-task profiles use seed {evaluate.INTASK_SEED})")
     # ---- output
     parser.add_argument("--out", default=None, metavar="TABLE.npy", help="--profile: the table to write "
                         "(several scorers: TABLE_<scorer>.npy; default runs/<model>_<scorer>.npy; the shipped "
@@ -310,20 +310,19 @@ if __name__ == "__main__":
                      f"({cfg.horizon} tokens)"
         profile_and_save(model, model_id, contexts, scorers, cfg, out, source, suite.stop_ids)
 
-    if args.intask:  # one profile per evaluation family, from seed 7 (neither evaluation nor development)
+    if args.intask:  # one profile per evaluation family, from evaluate.INTASK_SEED
         tables = {}
         for family in families:
             path = out[: -len(".npy")] + f"_intask_{family}.npy"
-            contexts = evaluate.family_calibration_contexts(suite, family, args.calib_contexts, args.length, 7)
-            got = profile_and_save(model, model_id, contexts, scorers, cfg, path, f"in-task: {family}, seed 7, "
-                                   f"{len(contexts)} examples", suite.stop_ids, key_prefix=f"intask_{family}_")
+            contexts = evaluate.family_calibration_contexts(suite, family, args.calib_contexts, args.length)
+            source = f"in-task: {family}, seed {evaluate.INTASK_SEED}, {len(contexts)} examples"
+            got = profile_and_save(model, model_id, contexts, scorers, cfg, path, source, suite.stop_ids,
+                                   key_prefix=f"intask_{family}_")
             tables[family] = np.load(got[scorers[0]])
         calib = args.table.split(",")[0] if args.table else default_table(args.model, scorers[0])
         if os.path.exists(calib):
             tables["calibration"] = np.load(calib)
-        print(f"correlation of per-head keep shares at 80% ({scorers[0]}):")
-        for (a, b), r in evaluate.budget_correlation(tables).items():
-            print(f"  {a:16s} {b:16s} {r:+.2f}")
+        print(evaluate.correlation_report(tables, scorers[0]))
 
     if args.eval or args.full_cache:
         paths = args.table.split(",") if args.table else [p for p in (default_table(args.model, s) for s in scorers)
