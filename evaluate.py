@@ -150,9 +150,12 @@ def profile_key(scorer, allocator, family=None):
 # the grid, resumable: one record per (setting, family, example)
 
 
-def run_key(suite_name, model_id, families, ratios, methods, n, length, seed, cfg):
-    """What a run's records depend on, hashed: a partial file of another run is never mixed in."""
-    blob = json.dumps([suite_name, model_id, families, ratios, methods, n, length, seed, asdict(cfg)])
+def run_key(suite_name, model_id, ratios, methods, length, seed, cfg):
+    """What a record depends on besides its (setting, family, index), hashed: a partial file of another
+    run is never mixed in. The families and n are left out, since example i of a family is the same in
+    any run: a run over one family (or fewer examples) resumes into a larger one, so a grid can be split
+    over processes and its partial files concatenated."""
+    blob = json.dumps([suite_name, model_id, ratios, methods, length, seed, asdict(cfg)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -177,7 +180,7 @@ def evaluate(model, suite, profiles, families, ratios, methods, n, length, seed,
              partial=None, model_id="", log=progress):
     """Every record of the grid; finished ones are read back from `partial` (a .jsonl path) and new
     ones appended to it as they finish."""
-    key = run_key(type(suite).__name__, model_id, families, ratios, methods, n, length, seed, cfg)
+    key = run_key(type(suite).__name__, model_id, ratios, methods, length, seed, cfg)
     done = read_partial(partial, key)
     todo = [(s, f) for s in settings for f in families]
     total, records, t0, fresh = len(todo) * n, [], time.time(), 0

@@ -111,6 +111,28 @@ def test_an_interrupted_run_resumes_without_recomputing(shipped, tmp_path, monke
     assert len(calls) == 2 + 2 + 4 + 4  # interrupted, resumed, fresh, another config
 
 
+def test_a_grid_split_by_family_merges_into_the_whole(shipped, tmp_path, monkeypatch):
+    """Two runs over one family each, their partial files concatenated, give a run over both families
+    (and more examples) that recomputes only the examples neither ran, with the records of one whole run."""
+    enc = shipped[1]
+    model, cfg, suite = random_model(shipped[0].cfg.vocab_size), LUKVConfig(), TinySuite(enc)
+    rest = ([0.5], [("snapkv", "uniform")])
+    calls, real_run = [], evaluate.run_example
+    monkeypatch.setattr(evaluate, "run_example", lambda *a, **k: calls.append(a[2].family) or real_run(*a, **k))
+    for fam in ("niah_single", "vt"):
+        evaluate.evaluate(model, suite, {}, [fam], *rest, 2, 128, 5, cfg, partial=str(tmp_path / f"{fam}.jsonl"),
+                          **QUIET)
+    merged = tmp_path / "all.partial.jsonl"
+    merged.write_text((tmp_path / "niah_single.jsonl").read_text() + (tmp_path / "vt.jsonl").read_text())
+    calls.clear()
+    whole = evaluate.evaluate(model, suite, {}, ["niah_single", "vt"], *rest, 3, 128, 5, cfg, partial=str(merged),
+                              **QUIET)
+    assert calls == ["niah_single", "vt"]  # only example 2 of each family is new
+    fresh = evaluate.evaluate(model, suite, {}, ["niah_single", "vt"], *rest, 3, 128, 5, cfg, **QUIET)
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "run"} for r in recs]  # noqa: E731
+    assert strip(whole["records"]) == strip(fresh["records"])
+
+
 def test_intervals_known_answers():
     """Wilson's interval for 8 of 10 is [0.490, 0.943]; for 10 of 10 it is [0.722, 1.0] (not zero width);
     a paired difference of identical scores is exactly zero."""
