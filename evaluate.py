@@ -117,10 +117,16 @@ def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
         full_ids = decode_rows(model, cache.clone(), follow, item.max_new, suite.stop_ids, suite.done(item))[0]
         return {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
                 "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {}}
-    cache, probe, full_ids, imp = run_full(model, prefix, follow, cfg, item.max_new, suite.stop_ids)
+    t0 = time.perf_counter()
+    cache, probe = lukv.prefill(model, prefix, cfg)
+    t1 = time.perf_counter()
+    full_ids, imp = lukv.oracle_importance(model, cache, probe, follow, cfg, item.max_new, suite.stop_ids)
+    seconds = {"prefill": t1 - t0, "full_decode": time.perf_counter() - t1, "full_tokens": len(full_ids),
+               "compressed_decode": 0.0, "compressed_tokens": 0, "compressed_rows": 0}  # where the time went
     full_ids = cut_at_stop(full_ids, suite.stop_ids)
     record = {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
-              "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {}}
+              "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {},
+              "seconds": seconds}
     for scorer in dict.fromkeys(s for s, _ in methods):
         scores = scores_for(scorer, cache, probe, imp, cfg)
         rows = [(a, r) for s, a in methods if s == scorer for r in ratios]
@@ -131,7 +137,11 @@ def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
         keep = compress(batch, scores, counts)  # (B, L, H, T)
         kv_bytes = (batch.length.sum(dim=(0, 2)) * batch.nbytes() / batch.length.sum()).tolist()  # (B,) per row
         lost = ((imp * ~keep).flatten(1).sum(1) / imp.sum().clamp(min=1e-30)).tolist()  # (B,)
+        t0 = time.perf_counter()
         answers = decode_rows(model, batch, follow, item.max_new, suite.stop_ids, suite.done(item))
+        seconds["compressed_decode"] += time.perf_counter() - t0
+        seconds["compressed_tokens"] += max(len(a) for a in answers)  # the batch ran at least this many steps
+        seconds["compressed_rows"] += len(rows)
         for b, (allocator, ratio) in enumerate(rows):
             record["methods"][f"{scorer}|{allocator}|{ratio}"] = {
                 "score": suite.score(item, suite.answer(answers[b])), "kv_bytes": kv_bytes[b], "oracle_loss": lost[b]}
@@ -281,6 +291,16 @@ def format_table(result, reference="lukv"):
                 pct = 100 * avg / full_avg if full_avg else float("nan")
                 lines.append(f"{scorer:18s} {allocator:9s} " + " ".join(f"{m:6.2f}" for m in fam_means) +
                              f"  {avg:5.2f} [{lo:4.2f}, {hi:4.2f}] {pct:6.1f} {mb:7.3f} {oloss:6.3f}  {diff}")
+        timed = [r["seconds"] for r in recs if "seconds" in r]  # records of this code; older ones have none
+        if timed:
+            total = lambda k: sum(t[k] for t in timed)  # noqa: E731
+            lines.append(f"time of its {len(timed)} timed examples: prefill {total('prefill'):.0f} s, full-cache "
+                         f"answer + oracle {total('full_decode'):.0f} s ({total('full_tokens')} tokens, "
+                         f"{1e3 * total('full_decode') / max(total('full_tokens'), 1):.0f} ms each), compressed "
+                         f"decode {total('compressed_decode'):.0f} s (batches of "
+                         f"{total('compressed_rows') / len(timed):.0f} rows, about {total('compressed_tokens')} steps, "
+                         f"{1e3 * total('compressed_decode') / max(total('compressed_tokens'), 1):.0f} "
+                         f"ms each)")
     return "\n".join(lines)
 
 

@@ -105,8 +105,12 @@ def test_an_interrupted_run_resumes_without_recomputing(shipped, tmp_path, monke
     resumed = evaluate.evaluate(*args, partial=partial, **QUIET)
     assert len(calls) == 4
     fresh = evaluate.evaluate(*args, partial=str(tmp_path / "other.jsonl"), **QUIET)
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "run"} for r in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("run", "seconds")} for r in recs]  # noqa: E731
     assert strip(resumed["records"]) == strip(fresh["records"])
+    for r in fresh["records"]:  # where the time went: one batch of one compressed row after the full cache's answer
+        t = r["seconds"]
+        assert t["compressed_rows"] == 1 and t["full_tokens"] >= 1 and min(t["prefill"], t["full_decode"]) > 0
+    assert f"time of its {len(fresh['records'])} timed examples" in evaluate.format_table(fresh)
     evaluate.evaluate(*args[:-1], LUKVConfig(window=8), partial=partial, **QUIET)  # another config: recomputed
     assert len(calls) == 2 + 2 + 4 + 4  # interrupted, resumed, fresh, another config
 
@@ -129,7 +133,7 @@ def test_a_grid_split_by_family_merges_into_the_whole(shipped, tmp_path, monkeyp
                               **QUIET)
     assert calls == ["niah_single", "vt"]  # only example 2 of each family is new
     fresh = evaluate.evaluate(model, suite, {}, ["niah_single", "vt"], *rest, 3, 128, 5, cfg, **QUIET)
-    strip = lambda recs: [{k: v for k, v in r.items() if k != "run"} for r in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("run", "seconds")} for r in recs]  # noqa: E731
     assert strip(whole["records"]) == strip(fresh["records"])
 
 
