@@ -228,7 +228,7 @@ def interval(scores):
         z = 1.96
         centre = (m + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        return m, centre - half, centre + half
+        return m, max(0.0, centre - half), min(1.0, centre + half)  # at 0 or 1 rounding could print -0.00
     half = 1.96 * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
     return m, max(0.0, m - half), min(1.0, m + half)  # normal, clipped to the scores' range
 

@@ -144,6 +144,9 @@ def test_intervals_known_answers():
     assert (m, round(lo, 3), round(hi, 3)) == (0.8, 0.490, 0.943)
     m, lo, hi = evaluate.interval([1] * 10)
     assert (m, round(lo, 3), round(hi, 3)) == (1.0, 0.722, 1.0)
+    for n in range(1, 101):  # never outside [0, 1], where rounding once printed "-0.00"
+        low, high = evaluate.interval([0] * n)[1], evaluate.interval([1] * n)[2]
+        assert 0.0 <= low < 1e-12 and 1.0 - 1e-12 < high <= 1.0 and f"{low:.2f}" == "0.00", n
     assert evaluate.paired_difference([1, 0, 1], [1, 0, 1]) == (0.0, 0.0, 0.0)
 
 
