@@ -873,9 +873,13 @@ def load_profile(path, scorer, model_id, shape, cfg):
         meta = json.load(f)
     want = {"model": model_id, "scorer": scorer, "sink": cfg.sink, "window": cfg.window}
     for key in PROFILE_CHECKS:
-        if meta.get(key) != want[key]:
-            raise ValueError(f"profile {path} was made for {key} {meta.get(key)!r}, not {want[key]!r}; pass the "
-                             f"matching option or rebuild it with --profile --scorer {scorer}")
+        if meta.get(key) == want[key]:
+            continue
+        if key == "model":
+            raise ValueError(f"profile {path} was made for another model (id {meta.get(key)!r}; this one is "
+                             f"{want[key]!r}); profile this model with --profile --scorer {scorer}")
+        raise ValueError(f"profile {path} was made for {key} {meta.get(key)!r}, not {want[key]!r}; pass the "
+                         f"matching option or rebuild it with --profile --scorer {scorer}")
     if table.shape != (len(RATIOS), *shape):
         raise ValueError(f"profile {path} has shape {table.shape}, expected (99, {shape[0]}, {shape[1]})")
     if scorer == "snapkv" and meta.get("snap_window") != cfg.snap_window:

@@ -327,7 +327,10 @@ if __name__ == "__main__":
     if args.eval or args.full_cache:
         paths = args.table.split(",") if args.table else [p for p in (default_table(args.model, s) for s in scorers)
                                                           if os.path.exists(p)]
-        profiles = load_tables(paths, model_id, shape, cfg) if args.eval else {}
+        try:
+            profiles = load_tables(paths, model_id, shape, cfg) if args.eval else {}
+        except (ValueError, FileNotFoundError) as e:  # a table of another model or settings: say so, no traceback
+            parser.error(str(e))
         allocators = args.allocators.split(",") if args.eval else []
         methods = evaluate.method_list(scorers, allocators, profiles)
         skipped = [(s, a) for s in scorers for a in allocators if (s, a) not in methods]
@@ -342,7 +345,10 @@ if __name__ == "__main__":
 
     if args.demo:  # the shipped table, its heatmap and a small 80% table
         path = default_table(args.model, scorers[0])
-        profile = lukv.load_profile(path, scorers[0], model_id, shape, cfg)[0]
+        try:
+            profile = lukv.load_profile(path, scorers[0], model_id, shape, cfg)[0]
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
         print(lukv.heatmap(1 - profile[79], f"LU-KV budgets at 80% compression ({scorers[0]}): share of the "
                                             f"context each head keeps"))
         methods = [(scorers[0], a) for a in ("uniform", "pyramid", "adakv", "lukv")]

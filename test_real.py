@@ -134,7 +134,7 @@ def test_cli_profiles_and_evaluates_a_folder(folders, tmp_path):
     run = subprocess.run(base + ["--sink", "2", "--window", "4", "--eval", "--table", out, "--n", "1",
                                         "--families", "niah_single", "--json", str(tmp_path / "e2.json")],
                          capture_output=True, text=True, cwd=str(tmp_path))
-    assert run.returncode != 0 and "sink 4, not 2" in run.stderr, run.stderr[-500:]
+    assert run.returncode == 2 and "sink 4, not 2" in run.stderr and "Traceback" not in run.stderr, run.stderr[-500:]
 
 
 def test_the_tiny_demo_points_a_real_model_to_real_py():
