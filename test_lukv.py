@@ -537,7 +537,7 @@ def test_bad_method_inputs_are_refused(tmp_path):
     lukv.save_profile(path, np.zeros((99, 2, 2)), lukv.profile_meta("snapkv", "abc", cfg))
     with pytest.raises(ValueError, match="scorer 'snapkv', not 'keydiff'"):
         lukv.load_profile(path, "keydiff", "abc", (2, 2), cfg)
-    with pytest.raises(ValueError, match="another model \(id 'abc'; this one is 'other'\)"):
+    with pytest.raises(ValueError, match=r"another model \(id 'abc'; this one is 'other'\)"):
         lukv.load_profile(path, "snapkv", "other", (2, 2), cfg)
     with pytest.raises(ValueError, match="sink 4, not 2"):
         lukv.load_profile(path, "snapkv", "abc", (2, 2), LUKVConfig(sink=2))
