@@ -106,6 +106,13 @@ def decode_rows(model, cache, follow_ids, max_new, stop_ids, done=None):
     return [cut_at_stop(row, stop_ids) for row in rows]
 
 
+def clock(model):
+    """Seconds for timing a phase; on a GPU after its queued work is done, so a phase gets its own time."""
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 @torch.no_grad()
 def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
     """Score of the full cache and of every (scorer, allocator, ratio) on one item, with the bytes
@@ -117,16 +124,16 @@ def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
         full_ids = decode_rows(model, cache.clone(), follow, item.max_new, suite.stop_ids, suite.done(item))[0]
         return {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
                 "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {}}
-    t0 = time.perf_counter()
+    t0 = clock(model)
     cache, probe = lukv.prefill(model, prefix, cfg)
-    t1 = time.perf_counter()
+    t1 = clock(model)
     full_ids, imp = lukv.oracle_importance(model, cache, probe, follow, cfg, item.max_new, suite.stop_ids)
-    seconds = {"prefill": t1 - t0, "full_decode": time.perf_counter() - t1, "full_tokens": len(full_ids),
-               "compressed_decode": 0.0, "compressed_tokens": 0, "compressed_rows": 0}  # where the time went
+    timing = {"prefill": t1 - t0, "full_decode": clock(model) - t1, "full_tokens": len(full_ids),
+              "compressed_decode": 0.0, "compressed_tokens": 0, "compressed_rows": 0}  # where the time went
     full_ids = cut_at_stop(full_ids, suite.stop_ids)
     record = {"setting": setting, "family": item.family, "index": item.index, "kind": item.kind,
               "full": suite.score(item, suite.answer(full_ids)), "full_bytes": cache.nbytes(), "methods": {},
-              "seconds": seconds}
+              "timing": timing}
     for scorer in dict.fromkeys(s for s, _ in methods):
         scores = scores_for(scorer, cache, probe, imp, cfg)
         rows = [(a, r) for s, a in methods if s == scorer for r in ratios]
@@ -137,11 +144,11 @@ def run_example(model, suite, item, setting, methods, ratios, profiles, cfg):
         keep = compress(batch, scores, counts)  # (B, L, H, T)
         kv_bytes = (batch.length.sum(dim=(0, 2)) * batch.nbytes() / batch.length.sum()).tolist()  # (B,) per row
         lost = ((imp * ~keep).flatten(1).sum(1) / imp.sum().clamp(min=1e-30)).tolist()  # (B,)
-        t0 = time.perf_counter()
+        t0 = clock(model)
         answers = decode_rows(model, batch, follow, item.max_new, suite.stop_ids, suite.done(item))
-        seconds["compressed_decode"] += time.perf_counter() - t0
-        seconds["compressed_tokens"] += max(len(a) for a in answers)  # the batch ran at least this many steps
-        seconds["compressed_rows"] += len(rows)
+        timing["compressed_decode"] += clock(model) - t0
+        timing["compressed_tokens"] += max(len(a) for a in answers)  # the batch ran at least this many steps
+        timing["compressed_rows"] += len(rows)
         for b, (allocator, ratio) in enumerate(rows):
             record["methods"][f"{scorer}|{allocator}|{ratio}"] = {
                 "score": suite.score(item, suite.answer(answers[b])), "kv_bytes": kv_bytes[b], "oracle_loss": lost[b]}
@@ -162,7 +169,7 @@ def profile_key(scorer, allocator, family=None):
 
 def run_key(suite_name, model_id, ratios, methods, length, seed, cfg):
     """What a record depends on besides its (setting, family, index), hashed: a partial file of another
-    run is never mixed in. The families and n are left out, since example i of a family is the same in
+    run is never mixed in (suite_name carries the prompt format and the weights' dtype). The families and n are left out, since example i of a family is the same in
     any run: a run over one family (or fewer examples) resumes into a larger one, so a grid can be split
     over processes and its partial files concatenated."""
     blob = json.dumps([suite_name, model_id, ratios, methods, length, seed, asdict(cfg)])
@@ -190,7 +197,9 @@ def evaluate(model, suite, profiles, families, ratios, methods, n, length, seed,
              partial=None, model_id="", log=progress):
     """Every record of the grid; finished ones are read back from `partial` (a .jsonl path) and new
     ones appended to it as they finish."""
-    key = run_key(type(suite).__name__, model_id, ratios, methods, length, seed, cfg)
+    dtype = str(next(model.parameters()).dtype)  # the weights' dtype and the prompt format change the answers
+    key = run_key(f"{type(suite).__name__}/{getattr(suite, 'fmt', '')}/{dtype}", model_id, ratios, methods, length,
+                  seed, cfg)
     done = read_partial(partial, key)
     todo = [(s, f) for s in settings for f in families]
     total, records, t0, fresh = len(todo) * n, [], time.time(), 0
@@ -291,10 +300,11 @@ def format_table(result, reference="lukv"):
                 pct = 100 * avg / full_avg if full_avg else float("nan")
                 lines.append(f"{scorer:18s} {allocator:9s} " + " ".join(f"{m:6.2f}" for m in fam_means) +
                              f"  {avg:5.2f} [{lo:4.2f}, {hi:4.2f}] {pct:6.1f} {mb:7.3f} {oloss:6.3f}  {diff}")
-        timed = [r["seconds"] for r in recs if "seconds" in r]  # records of this code; older ones have none
+        timed = [r["timing"] for r in recs if "timing" in r]  # records of this code; older ones have none
         if timed:
             total = lambda k: sum(t[k] for t in timed)  # noqa: E731
-            lines.append(f"time of its {len(timed)} timed examples: prefill {total('prefill'):.0f} s, full-cache "
+            lines.append(f"timed phases of its {len(timed)} examples (scoring, allocation and compression not "
+                         f"included): prefill {total('prefill'):.0f} s, full-cache "
                          f"answer + oracle {total('full_decode'):.0f} s ({total('full_tokens')} tokens, "
                          f"{1e3 * total('full_decode') / max(total('full_tokens'), 1):.0f} ms each), compressed "
                          f"decode {total('compressed_decode'):.0f} s (batches of "
@@ -615,12 +625,18 @@ if __name__ == "__main__":
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="--eval: the budget heatmap and accuracy vs "
                         "compression (needs matplotlib)")
     parser.add_argument("--from", dest="from_json", default=None, metavar="RESULT.json",
-                        help="--plot from a saved --eval result instead of running one")
+                        help="print the table of a saved --eval or --full-cache result (with --plot: draw it) "
+                        "instead of running one")
     parser.add_argument("--out-dir", default="runs/profiles", help="--taskloss, --intask: where the profiles go (the "
                         "shipped ones in checkpoints/ are replaced only when you name it); --eval reads in-task "
                         "profiles from here")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.from_json and not args.plot:  # print a saved result's table with this code
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        print(format_table(saved) if saved["ratios"] else full_cache_table(saved))
+        sys.exit(0)
     if args.plot and args.from_json:  # redraw the picture from a saved result
         with open(args.from_json) as f:
             saved = json.load(f)

@@ -105,14 +105,15 @@ def test_an_interrupted_run_resumes_without_recomputing(shipped, tmp_path, monke
     resumed = evaluate.evaluate(*args, partial=partial, **QUIET)
     assert len(calls) == 4
     fresh = evaluate.evaluate(*args, partial=str(tmp_path / "other.jsonl"), **QUIET)
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("run", "seconds")} for r in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("run", "timing")} for r in recs]  # noqa: E731
     assert strip(resumed["records"]) == strip(fresh["records"])
     for r in fresh["records"]:  # where the time went: one batch of one compressed row after the full cache's answer
-        t = r["seconds"]
+        t = r["timing"]
         assert t["compressed_rows"] == 1 and t["full_tokens"] >= 1 and min(t["prefill"], t["full_decode"]) > 0
-    assert f"time of its {len(fresh['records'])} timed examples" in evaluate.format_table(fresh)
+    assert f"timed phases of its {len(fresh['records'])} examples" in evaluate.format_table(fresh)
     evaluate.evaluate(*args[:-1], LUKVConfig(window=8), partial=partial, **QUIET)  # another config: recomputed
-    assert len(calls) == 2 + 2 + 4 + 4  # interrupted, resumed, fresh, another config
+    evaluate.evaluate(model.to(torch.bfloat16), *args[1:], partial=partial, **QUIET)  # other weights' dtype: too
+    assert len(calls) == 2 + 2 + 4 + 4 + 4  # interrupted, resumed, fresh, another config, another dtype
 
 
 def test_a_grid_split_by_family_merges_into_the_whole(shipped, tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def test_a_grid_split_by_family_merges_into_the_whole(shipped, tmp_path, monkeyp
                               **QUIET)
     assert calls == ["niah_single", "vt"]  # only example 2 of each family is new
     fresh = evaluate.evaluate(model, suite, {}, ["niah_single", "vt"], *rest, 3, 128, 5, cfg, **QUIET)
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("run", "seconds")} for r in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in ("run", "timing")} for r in recs]  # noqa: E731
     assert strip(whole["records"]) == strip(fresh["records"])
 
 
@@ -231,3 +232,13 @@ def test_every_readme_command_names_a_file_and_flags_that_exist():
             helps[file] = run.stdout
         missing = [f for f in flags if f not in helps[file]]
         assert not missing, f"README: python {file} uses {missing}, which {file} --help does not list"
+
+
+def test_a_saved_result_prints_its_table_again():
+    """evaluate.py --from RESULT.json prints the table of a saved run with this code, without running it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, os.path.join(here, "evaluate.py"), "--from",
+                          os.path.join(here, "results", "eval_tiny_n25.json")], capture_output=True, text=True)
+    saved = json.load(open(os.path.join(here, "results", "eval_tiny_n25.json")))
+    assert run.returncode == 0, run.stderr[-500:]
+    assert run.stdout.rstrip("\n") == evaluate.format_table(saved)
