@@ -169,9 +169,10 @@ def profile_key(scorer, allocator, family=None):
 
 def run_key(suite_name, model_id, ratios, methods, length, seed, cfg):
     """What a record depends on besides its (setting, family, index), hashed: a partial file of another
-    run is never mixed in (suite_name carries the prompt format and the weights' dtype). The families and n are left out, since example i of a family is the same in
-    any run: a run over one family (or fewer examples) resumes into a larger one, so a grid can be split
-    over processes and its partial files concatenated."""
+    run is never mixed in (suite_name carries the prompt format and the weights' dtype). The families
+    and n are left out, since example i of a family is the same in any run: a run over one family (or
+    fewer examples) resumes into a larger one, so a grid can be split over processes and its partial
+    files concatenated."""
     blob = json.dumps([suite_name, model_id, ratios, methods, length, seed, asdict(cfg)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -340,12 +341,6 @@ def context_key(model_id, ctx_ids, questions, cfg):
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def save_npy(path, array):
-    with open(path + ".tmp", "wb") as f:  # a file object: np.save would append .npy to a name
-        np.save(f, array)
-    os.replace(path + ".tmp", path)  # atomic: an interrupted write never leaves a half table behind
-
-
 @torch.no_grad()
 def profile_contexts(model, model_id, contexts, scorers, cfg, cache_dir, stop_token=None, log=progress):
     """Average the per-(context, question) tables of every scorer; contexts already in cache_dir are reused.
@@ -363,7 +358,7 @@ def profile_contexts(model, model_id, contexts, scorers, cfg, cache_dir, stop_to
         if todo:
             got = lukv.calibration_tables(model, ctx_ids, questions, todo, cfg, stop_token)
             for s in todo:
-                save_npy(paths[s], np.stack(got[s]))  # (questions, 99, L, H)
+                lukv.write_atomic(paths[s], lambda f: np.save(f, np.stack(got[s])))  # (questions, 99, L, H)
             computed += 1
         else:
             reused += 1

@@ -848,6 +848,14 @@ def sidecar(path):
     return path[: -len(".npy")] + ".json"
 
 
+def write_atomic(target, write):
+    """write(f) into target's .tmp (a binary file object), then rename: an interrupted write never
+    leaves half a file behind."""
+    with open(target + ".tmp", "wb") as f:  # a file object: np.save would append .npy to a name
+        write(f)
+    os.replace(target + ".tmp", target)
+
+
 def save_profile(path, table, meta):
     """Write the table as float32 .npy and its metadata beside it; each file atomically."""
     if not path.endswith(".npy"):
@@ -855,11 +863,8 @@ def save_profile(path, table, meta):
     table = np.asarray(table, dtype=np.float32)
     if table.ndim != 3 or table.shape[0] != len(RATIOS):
         raise ValueError(f"expected a table of shape (99, n_layer, n_kv_head), got {table.shape}")
-    for target, write in ((path, lambda f: np.save(f, table)),
-                          (sidecar(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))):
-        with open(target + ".tmp", "wb") as f:  # a file object: np.save would append .npy to a name
-            write(f)
-        os.replace(target + ".tmp", target)  # an interrupted write never leaves half a file behind
+    write_atomic(path, lambda f: np.save(f, table))
+    write_atomic(sidecar(path), lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
 def load_profile(path, scorer, model_id, shape, cfg):

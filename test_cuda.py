@@ -261,7 +261,7 @@ def test_real_model_profile_and_eval_on_the_gpu_give_the_cpu_answers(llama_folde
         model = model.to(device)
         pairs = real.calibration_contexts(enc, real.generated_prose(), 2, 200, cfg.horizon)
         tables, _ = evaluate.profile_contexts(model, model_id, [(c, [f]) for c, f in pairs], ["snapkv"], cfg,
-                                          str(tmp_path / f"{device}-{dt}"), log=lambda *a: None)
+                                              str(tmp_path / f"{device}-{dt}"), log=lambda *a: None)
         suite = real.RulerSuite(enc, "plain")
         result = evaluate.evaluate(model, suite, tables, ["niah_single"], [0.8],
                                    [("snapkv", "uniform"), ("snapkv", "lukv"), ("snapkv", "oracle")], 1, 400, 3,

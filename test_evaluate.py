@@ -236,9 +236,9 @@ def test_every_readme_command_names_a_file_and_flags_that_exist():
 
 def test_a_saved_result_prints_its_table_again():
     """evaluate.py --from RESULT.json prints the table of a saved run with this code, without running it."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    run = subprocess.run([sys.executable, os.path.join(here, "evaluate.py"), "--from",
-                          os.path.join(here, "results", "eval_tiny_n25.json")], capture_output=True, text=True)
-    saved = json.load(open(os.path.join(here, "results", "eval_tiny_n25.json")))
+    path = os.path.join(HERE, "results", "eval_tiny_n25.json")
+    run = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), "--from", path], capture_output=True,
+                         text=True)
+    saved = json.load(open(path))
     assert run.returncode == 0, run.stderr[-500:]
     assert run.stdout.rstrip("\n") == evaluate.format_table(saved)

@@ -42,8 +42,8 @@ def test_exported_table_has_the_kvpress_layout(folders, tmp_path):
     round(100 r) - 1 evicts a share r of all tokens wherever the floors allow, also when read the way
     LUKVPress reads it (per layer, keep (1 - p) * T rounded); the sidecar names scorer, sink and window."""
     model, model_id, contexts = contexts_of(folders["qwen2"][0])
-    tables, _ = evaluate.profile_contexts(model, model_id, contexts, ["snapkv", "keydiff"], CFG, str(tmp_path / "cache"),
-                                    log=lambda *a: None)
+    tables, _ = evaluate.profile_contexts(model, model_id, contexts, ["snapkv", "keydiff"], CFG,
+                                          str(tmp_path / "cache"), log=lambda *a: None)
     L, H = model.cfg.n_layer, model.cfg.n_kv_head
     T = len(contexts[0][0])
     reachable = 1 - CFG.floor(T) / T  # the largest ratio the per-head floor allows
@@ -84,14 +84,15 @@ def test_profiling_resumes_without_recomputing_finished_contexts(folders, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         evaluate.profile_contexts(model, model_id, contexts, ["snapkv"], CFG, cache, log=interrupt_after_two)
     assert len(calls) == 2
-    resumed, counts = evaluate.profile_contexts(model, model_id, contexts, ["snapkv"], CFG, cache, log=lambda *a: None)
+    resumed, counts = evaluate.profile_contexts(model, model_id, contexts, ["snapkv"], CFG, cache,
+                                                log=lambda *a: None)
     assert len(calls) == 4 and counts == {"computed": 2, "reused": 2}
     fresh, _ = evaluate.profile_contexts(model, model_id, contexts, ["snapkv"], CFG, str(tmp_path / "fresh"),
-                                   log=lambda *a: None)
+                                         log=lambda *a: None)
     assert np.array_equal(resumed["snapkv"], fresh["snapkv"])
     # a changed setting is a different context: nothing is reused
-    _, counts = evaluate.profile_contexts(model, model_id, contexts[:1], ["snapkv"], LUKVConfig(sink=2, window=4, horizon=4),
-                                    cache, log=lambda *a: None)
+    _, counts = evaluate.profile_contexts(model, model_id, contexts[:1], ["snapkv"],
+                                          LUKVConfig(sink=2, window=4, horizon=4), cache, log=lambda *a: None)
     assert counts == {"computed": 1, "reused": 0}
 
 
