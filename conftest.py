@@ -19,8 +19,9 @@ if not torch.cuda.is_available():
 
 from hypothesis import settings  # noqa: E402
 
-settings.register_profile("ci", max_examples=10, deadline=None)  # the default: a few examples per property
-settings.register_profile("thorough", max_examples=200, deadline=None)
+# no example database: tests write only to their tmp_path, and every run draws afresh
+settings.register_profile("ci", max_examples=10, deadline=None, database=None)  # the default: a few per property
+settings.register_profile("thorough", max_examples=200, deadline=None, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

@@ -2,11 +2,24 @@
 Kernels for a per-head KV cache: eviction (select + compact), decode attention over the packed
 cache, and an in-place append, each beside the PyTorch reference it must agree with.
 
-Laid out like a Triton tutorial. For each operation: v1, the reference in plain PyTorch; v2, the
-same function under torch.compile; v3, the Triton kernel; then a plain-named wrapper (`evict`,
-`decode_attention`, `append_`). Each section starts by counting the bytes its operation must move:
-that count over the card's copy bandwidth is the floor a timing is held against. The measured
-numbers, the targets, the Nsight readings and the variants that lost are in results/KERNELS.md.
+Laid out like a Triton tutorial: per operation, v1 (the reference, plain PyTorch), then v2, then v3
+(Triton), then a plain-named wrapper that picks one (`evict`, `decode_attention`, `append_`; impl
+"auto" is v3 on CUDA tensors, else v1). What v2 and v3 are differs per operation:
+
+    evict    v1  order-preserving integer keys, topk, sort, gather, then a scatter into the layout
+             v2  v1's select + gather under torch.compile (the scatter into the layout stays eager)
+             v3  a radix select of each head's threshold key over slices of its row, then a compaction
+    decode   v1  one head at a time over a view of its own rows (attend_rows, which also takes chunks)
+             v2  not v1 compiled: every head padded to the longest and masked (_attend_padded), one
+                 graph under torch.compile
+             v3  split-KV over equal parts of the token stream of all heads, then a log-sum-exp merge
+    append   v1  indexed writes of T new rows per head
+             v2  none: impl "v2" runs v1 (a few indexed writes cost launches, not bytes)
+             v3  one program per head writes one row; a chunk of T tokens is T launches
+
+Each section starts by counting the bytes its operation must move: that count over the card's copy
+bandwidth is the floor a timing is held against. The measured numbers, the targets, the Nsight
+readings and the variants that lost are in results/KERNELS.md.
 
 The packed layout is model.KVCache's: head (b, h) owns rows start[b, h] ... start + capacity - 1;
 the first length[b, h] hold its kept tokens in ascending token order, the rest are spare rows.
@@ -14,10 +27,10 @@ the first length[b, h] hold its kept tokens in ascending token order, the rest a
     python kernels.py                          # a small agreement check (CPU: v1 and v2)
     TRITON_INTERPRET=1 python kernels.py       # the same with v3 run as Python on the CPU
     python kernels.py --bench                  # a few rows on a CUDA card: v1 / v2 / v3 beside SDPA
-    python bench_kernels.py                    # the full benchmark (eager + CUDA graph), --profile, --once
-    python -m pytest -q test_kernels.py        # CPU: Triton runs under TRITON_INTERPRET=1 (conftest.py)
+    python -m bench.kernels                    # the full benchmark (eager + CUDA graph), --profile, --once
+    python -m pytest -q tests/test_kernels.py  # CPU: Triton runs under TRITON_INTERPRET=1 (conftest.py)
 
-Eviction follows lukv.compress: the eviction order is a stable ascending sort of the scores, so
+Eviction follows lukv's ranking: the eviction order is a stable ascending sort of the scores, so
 among tied scores the lower token index goes first (the higher index is kept); the first `sink`
 and last `window` tokens are always kept. Scores are compared as fp32 (-0.0 ties +0.0, NaN ranks
 above +inf as in torch.sort), protected tokens above everything.
@@ -39,38 +52,15 @@ import torch.nn.functional as F
 try:
     import triton
     import triton.language as tl
-except ImportError:  # kernels.py still imports (v1, v2) where Triton is not installed
+    HAVE_TRITON = True
+except ImportError:  # v1 and v2 still run without Triton; the v3 kernels below become plain functions
     import types
     triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b),
                                    next_power_of_2=lambda n: 1 << max(0, int(n) - 1).bit_length())
     tl = types.SimpleNamespace(constexpr=lambda x: x)
     HAVE_TRITON = False
-else:
-    HAVE_TRITON = True
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # read once, as Triton does when kernels are defined
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass
-class Tuning:
-    """Block sizes and launch shapes of the v3 kernels (bench_kernels.py times some alternatives)."""
-    select_slice: int = 1024  # tokens per program of the radix rounds and the compaction (a power of two)
-    select_warps: int = 4  # warps per radix-round program
-    copy_rows: int = 32  # packed rows per copy tile of the compaction kernel (32 x 128 bf16 = 8 KB)
-    copy_warps: int = 4  # warps per compaction program
-    decode_block_n: int = 64  # keys per inner tile of the decode kernel when G = 1
-    decode_warps: int = 4  # warps per decode program when G = 1
-    decode_stages: int = 3  # software pipelining depth of the K/V loads (3 x 2 x 16 KB of shared memory)
-    decode_block_n_gqa: int = 64  # the same three when G > 1 query heads share a KV head
-    decode_warps_gqa: int = 4  # (64 / 4 / 3 beat 128 / 8 / 2 on an H100: D2 93.8 vs 101.6 us)
-    decode_stages_gqa: int = 3
-    decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
-    decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
-    combine_block: int = 64  # partial results per tile of the combine kernel
-
-
-TUNING = Tuning()
 
 
 class PackedKV(NamedTuple):
@@ -81,92 +71,6 @@ class PackedKV(NamedTuple):
     start: torch.Tensor  # (B, H) int64 first row of each head
     length: torch.Tensor  # (B, H) int64 rows in use
     capacity: torch.Tensor  # (B, H) int64 rows owned (length + spare)
-
-
-# -----------------------------------------------------------------------------
-# shared helpers: input checks (before any launch), the layout, compile availability
-
-
-def _check_tensor(name, t, dims, dtypes, device):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; put them on one device")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {t.stride()}")
-
-
-def _check_v3_device(t):
-    if not HAVE_TRITON:
-        raise RuntimeError("v3 needs Triton (pip install triton); use impl='v1'")
-    if not (t.is_cuda or INTERPRET):
-        raise ValueError(f"v3 runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), got device "
-                         f"{t.device}; move the inputs to the GPU or use impl='v1'")
-
-
-def _auto_impl(t):
-    return "v3" if HAVE_TRITON and t.is_cuda else "v1"
-
-
-def _pick(table, impl, t):
-    """The version a wrapper runs: impl 'auto' is v3 on CUDA tensors (with Triton), else v1."""
-    impl = _auto_impl(t) if impl == "auto" else impl
-    if impl not in table:
-        raise ValueError(f"impl must be 'auto' or one of {sorted(table)}, got {impl!r}")
-    return table[impl]
-
-
-@functools.lru_cache(maxsize=None)
-def v2_available(device_type="cpu"):
-    """(ok, reason): whether torch.compile works here (it needs a C++ compiler on the CPU)."""
-    try:
-        torch.compile(lambda x: x * 2 + 1, dynamic=True)(torch.ones(3, device=device_type))
-        return True, ""
-    except Exception as e:  # any backend failure means: no v2 on this machine
-        return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled(fn, device_type):
-    ok, reason = v2_available(device_type)
-    if not ok:
-        raise RuntimeError(f"v2 needs torch.compile, which fails here ({reason}); use v1 (the same math)")
-    return torch.compile(fn, dynamic=True)
-
-
-_LAYOUTS = {}  # (counts, slack, device) -> the layout's (3, B, H) device tensor and N: see _layout
-MAX_LAYOUTS = 256  # distinct layouts kept; entries are never dropped (a recorded CUDA graph may read them)
-
-
-def _layout(counts, slack, device):
-    """start, length, capacity (B, H) on the device and N: heads packed back to back.
-
-    The host -> device copy of a layout is made once per distinct (counts, slack, device) and kept,
-    so a repeated call copies nothing from the host. That matters for CUDA graphs: a captured copy
-    from a temporary pinned buffer would replay whatever that buffer holds later, while a captured
-    clone of a kept tensor replays the right layout. Callers get a clone, which they may change in
-    place (append grows `length`). Past MAX_LAYOUTS layouts, new ones are not kept.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" are one device
-    key = (counts.numpy().tobytes(), tuple(counts.shape), slack, str(device))
-    if key in _LAYOUTS:
-        meta, n_rows = _LAYOUTS[key]
-    else:
-        capacity = counts + slack
-        start = torch.cumsum(capacity.flatten(), 0).view_as(capacity) - capacity  # exclusive prefix sum
-        meta = torch.stack([start, counts, capacity])  # (3, B, H)
-        meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta.to(device)
-        n_rows = int(capacity.sum())
-        if len(_LAYOUTS) < MAX_LAYOUTS:
-            _LAYOUTS[key] = meta, n_rows
-    meta = meta.clone()  # (3, B, H) a device copy: no host involved
-    return meta[0], meta[1], meta[2], n_rows
 
 
 # -----------------------------------------------------------------------------
@@ -200,6 +104,23 @@ def _select_gather(k, v, scores, counts, sink, window, kmax):
     return kept, torch.gather(k, 2, src), torch.gather(v, 2, src)  # (B, H, K), (B, H, K, D) x 2
 
 
+# input checks, shared by every operation: a clear error before any launch or compile
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_tensor(name, t, dims, dtypes, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimensions, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other inputs are on {device}; put them on one device")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first), got strides {t.stride()}")
+
+
 def _check_evict(k, v, scores, counts, sink, window, slack):
     """Validate evict inputs; returns counts as a CPU int64 (B, H) tensor (a sync if on the GPU)."""
     _check_tensor("k", k, 4, FLOAT_DTYPES, k.device)
@@ -220,6 +141,38 @@ def _check_evict(k, v, scores, counts, sink, window, slack):
         raise ValueError(f"each head keeps between sink + window = {floor} (the protected tokens) and T = {T} "
                          f"tokens; got counts from {int(counts.min())} to {int(counts.max())}")
     return counts
+
+
+# the packed layout of given counts, made once per distinct counts (evict v1 / v2 / v3 and the benchmarks)
+_LAYOUTS = {}  # (counts, slack, device) -> the layout's (3, B, H) device tensor and N: see _layout
+MAX_LAYOUTS = 256  # distinct layouts kept; entries are never dropped (a recorded CUDA graph may read them)
+
+
+def _layout(counts, slack, device):
+    """start, length, capacity (B, H) on the device and N: heads packed back to back.
+
+    The host -> device copy of a layout is made once per distinct (counts, slack, device) and kept,
+    so a repeated call copies nothing from the host. That matters for CUDA graphs: a captured copy
+    from a temporary pinned buffer would replay whatever that buffer holds later, while a captured
+    clone of a kept tensor replays the right layout. Callers get a clone, which they may change in
+    place (append grows `length`). Past MAX_LAYOUTS layouts, new ones are not kept.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" are one device
+    key = (counts.numpy().tobytes(), tuple(counts.shape), slack, str(device))
+    if key in _LAYOUTS:
+        meta, n_rows = _LAYOUTS[key]
+    else:
+        capacity = counts + slack
+        start = torch.cumsum(capacity.flatten(), 0).view_as(capacity) - capacity  # exclusive prefix sum
+        meta = torch.stack([start, counts, capacity])  # (3, B, H)
+        meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta.to(device)
+        n_rows = int(capacity.sum())
+        if len(_LAYOUTS) < MAX_LAYOUTS:
+            _LAYOUTS[key] = meta, n_rows
+    meta = meta.clone()  # (3, B, H) a device copy: no host involved
+    return meta[0], meta[1], meta[2], n_rows
 
 
 def _pack(kept, k_kept, v_kept, counts, slack):
@@ -243,6 +196,27 @@ def evict_v1(k, v, scores, counts, sink=0, window=0, slack=32, compiled=False):
     return _pack(kept, k_kept, v_kept, counts, slack)
 
 
+#   v2: v1's select + gather under torch.compile, where torch.compile works (it needs a C++ compiler on the CPU)
+
+
+@functools.lru_cache(maxsize=None)
+def v2_available(device_type="cpu"):
+    """(ok, reason): whether torch.compile works here (it needs a C++ compiler on the CPU)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=True)(torch.ones(3, device=device_type))
+        return True, ""
+    except Exception as e:  # any backend failure means: no v2 on this machine
+        return False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(fn, device_type):
+    ok, reason = v2_available(device_type)
+    if not ok:
+        raise RuntimeError(f"v2 needs torch.compile, which fails here ({reason}); use v1 (the same math)")
+    return torch.compile(fn, dynamic=True)
+
+
 def evict_v2(k, v, scores, counts, sink=0, window=0, slack=32):
     """v1 with the select + gather under torch.compile (the scatter into the layout stays eager)."""
     return evict_v1(k, v, scores, counts, sink, window, slack, compiled=True)
@@ -260,6 +234,26 @@ def evict_v2(k, v, scores, counts, sink=0, window=0, slack=32):
 # Why this shape: one program per row (32 rows) leaves 100 of 132 SMs idle, and tl.histogram costs grow with
 # the bin count (2048 bins cost ~9x what 256 do per key), so small digits over many programs per row.
 
+
+@dataclass
+class Tuning:
+    """Block sizes and launch shapes of the v3 kernels (bench/kernels.py times some alternatives)."""
+    select_slice: int = 1024  # tokens per program of the radix rounds and the compaction (a power of two)
+    select_warps: int = 4  # warps per radix-round program
+    copy_rows: int = 32  # packed rows per copy tile of the compaction kernel (32 x 128 bf16 = 8 KB)
+    copy_warps: int = 4  # warps per compaction program
+    decode_block_n: int = 64  # keys per inner tile of the decode kernel when G = 1
+    decode_warps: int = 4  # warps per decode program when G = 1
+    decode_stages: int = 3  # software pipelining depth of the K/V loads (3 x 2 x 16 KB of shared memory)
+    decode_block_n_gqa: int = 64  # the same three when G > 1 query heads share a KV head
+    decode_warps_gqa: int = 4  # (64 / 4 / 3 beat 128 / 8 / 2 on an H100: D2 93.8 vs 101.6 us)
+    decode_stages_gqa: int = 3
+    decode_programs_per_sm: int = 2  # the token stream of all heads is cut into this many equal parts per SM
+    decode_min_chunk: int = 256  # fewest tokens per decode program (short caches use fewer programs)
+    combine_block: int = 64  # partial results per tile of the combine kernel
+
+
+TUNING = Tuning()
 RADIX_BITS, BINS, ROUNDS = 8, 256, 4  # 32-bit keys as 4 digits of 8 bits (2- and 4-bit digits lost)
 INT32_MIN = tl.constexpr(-2 ** 31)
 
@@ -423,6 +417,14 @@ def _select(scores, counts, sink, window):
     return hist, gt, eq
 
 
+def _check_v3_device(t):
+    if not HAVE_TRITON:
+        raise RuntimeError("v3 needs Triton (pip install triton); use impl='v1'")
+    if not (t.is_cuda or INTERPRET):
+        raise ValueError(f"v3 runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), got device "
+                         f"{t.device}; move the inputs to the GPU or use impl='v1'")
+
+
 def evict_v3(k, v, scores, counts, sink=0, window=0, slack=32):
     """Triton radix select (4 rounds) and sliced compaction: five launches and a memset, no host sync."""
     counts = _check_evict(k, v, scores, counts, sink, window, slack)
@@ -443,6 +445,21 @@ def evict_v3(k, v, scores, counts, sink=0, window=0, slack=32):
 
 
 EVICT = {"v1": evict_v1, "v2": evict_v2, "v3": evict_v3}
+
+
+# the wrappers: one name per operation, the version picked by impl
+
+
+def _auto_impl(t):
+    return "v3" if HAVE_TRITON and t.is_cuda else "v1"
+
+
+def _pick(table, impl, t):
+    """The version a wrapper runs: impl 'auto' is v3 on CUDA tensors (with Triton), else v1."""
+    impl = _auto_impl(t) if impl == "auto" else impl
+    if impl not in table:
+        raise ValueError(f"impl must be 'auto' or one of {sorted(table)}, got {impl!r}")
+    return table[impl]
 
 
 def evict(k, v, scores, counts, sink=0, window=0, slack=32, impl="auto"):
@@ -739,8 +756,8 @@ def decode_attention(q, k_packed, v_packed, start, length, scale=None, impl="aut
 
 
 # -----------------------------------------------------------------------------
-# append one decoded token per head in place
-#   bytes: read and write one K and one V row per head, 4 * B*H * D * elt (A1, B=1, H=32: 32 KB), where
+# append T new tokens per head in place (T = 1: a decode step; T > 1: a chunk, such as a question)
+#   bytes: read and write T K and V rows per head, 4 * B*H * T * D * elt (A1, B=1, H=32, T=1: 32 KB), where
 #   AdaKV's append re-allocates and copies the whole cache in use (215 MB at 20% of 32k).
 #   There is no v2 (impl "v2" runs v1): the v1 step is a few indexed writes; it costs launches, not bytes.
 
@@ -749,30 +766,33 @@ def _check_append(k_packed, v_packed, pos, start, length, capacity, k_new, v_new
     dev = k_packed.device
     _check_tensor("k_packed", k_packed, 2, FLOAT_DTYPES, dev)
     _check_tensor("v_packed", v_packed, 2, (k_packed.dtype,), dev)
-    _check_tensor("k_new", k_new, 3, (k_packed.dtype,), dev)
-    _check_tensor("v_new", v_new, 3, (k_packed.dtype,), dev)
+    _check_tensor("k_new", k_new, 4, (k_packed.dtype,), dev)
+    _check_tensor("v_new", v_new, 4, (k_packed.dtype,), dev)
     for name, t in (("pos", pos), ("start", start), ("length", length), ("capacity", capacity)):
         _check_tensor(name, t, 1 if name == "pos" else 2, (torch.int64,), dev)
-    B, H, D = k_new.shape
-    if v_new.shape != k_new.shape or v_packed.shape != k_packed.shape or k_packed.shape[1] != D or \
+    B, H, T, D = k_new.shape
+    if v_new.shape != k_new.shape or T < 1 or v_packed.shape != k_packed.shape or k_packed.shape[1] != D or \
             pos.shape[0] != k_packed.shape[0] or not start.shape == length.shape == capacity.shape == (B, H):
-        raise ValueError(f"expected k_new, v_new (B, H, D), k_packed, v_packed (N, D), pos (N,), start, length, "
-                         f"capacity (B, H); got k_new {tuple(k_new.shape)}, v_new {tuple(v_new.shape)}, k_packed "
-                         f"{tuple(k_packed.shape)}, pos {tuple(pos.shape)}, start {tuple(start.shape)}")
-    if check and bool((length >= capacity).any()):  # one sync; check=False leaves it to the kernel
-        full = (length >= capacity).nonzero()[0].tolist()
-        raise ValueError(f"capacity overflow: head (b, h) = {full} has no spare row left; re-pack the cache "
-                         f"with more slack (KVCache.append re-packs) before appending")
+        raise ValueError(f"expected k_new, v_new (B, H, T, D) with T >= 1, k_packed, v_packed (N, D), pos (N,), "
+                         f"start, length, capacity (B, H); got k_new {tuple(k_new.shape)}, v_new {tuple(v_new.shape)}, "
+                         f"k_packed {tuple(k_packed.shape)}, pos {tuple(pos.shape)}, start {tuple(start.shape)}")
+    if check and bool((length + T > capacity).any()):  # one sync; check=False leaves it to the kernel
+        full = (length + T > capacity).nonzero()[0].tolist()
+        raise ValueError(f"capacity overflow: head (b, h) = {full} has fewer than T = {T} spare rows left; re-pack "
+                         f"the cache with more slack (KVCache.append re-packs) before appending")
 
 
 def append_v1(k_packed, v_packed, pos, start, length, capacity, k_new, v_new, position, check=True):
-    """Write k_new, v_new (B, H, D) at row start + length of every head; length += 1 (in place)."""
+    """Write k_new, v_new (B, H, T, D) at rows start + length ... + T - 1 of every head, positions
+    position ... position + T - 1; length += T (in place). Rows past a head's capacity are skipped."""
     _check_append(k_packed, v_packed, pos, start, length, capacity, k_new, v_new, check)
-    rows = start + length  # (B, H)
-    fits = (length < capacity) & (rows >= 0) & (rows < k_packed.shape[0])  # full heads: skipped, no stray write
-    rows = rows[fits]  # (n,)
-    k_packed[rows], v_packed[rows], pos[rows] = k_new[fits], v_new[fits], position
-    length += fits.long()
+    slot = length[..., None] + torch.arange(k_new.shape[2], device=k_packed.device)  # (B, H, T) each token's slot
+    rows = start[..., None] + slot  # (B, H, T)
+    fits = (slot < capacity[..., None]) & (rows >= 0) & (rows < k_packed.shape[0])  # full heads: no stray write
+    b, h, t = fits.nonzero(as_tuple=True)  # (n,) each: the new tokens that fit
+    r = rows[b, h, t]  # (n,)
+    k_packed[r], v_packed[r], pos[r] = k_new[b, h, t], v_new[b, h, t], position + t
+    length += fits.sum(-1)
 
 
 @triton.jit
@@ -804,25 +824,28 @@ def _append_kernel(
 
 
 def append_v3(k_packed, v_packed, pos, start, length, capacity, k_new, v_new, position, check=True):
-    """Triton append: one launch, one program per head."""
+    """Triton append: one launch per new token, one program per head (a decode step: one launch)."""
     _check_append(k_packed, v_packed, pos, start, length, capacity, k_new, v_new, check)
     _check_v3_device(k_packed)
-    B, H, D = k_new.shape
-    _append_kernel[(B * H,)](k_new, v_new, k_packed, v_packed, pos, start, length, capacity, position,
-                             k_packed.shape[0], D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=1)
+    B, H, T, D = k_new.shape
+    for t in range(T):  # a chunk's tokens one after another; (B, H, 1, D) is already the kernel's (B*H, D)
+        k_t, v_t = (k_new, v_new) if T == 1 else (k_new[:, :, t].contiguous(), v_new[:, :, t].contiguous())
+        _append_kernel[(B * H,)](k_t, v_t, k_packed, v_packed, pos, start, length, capacity, position + t,
+                                 k_packed.shape[0], D=D, BLOCK_D=triton.next_power_of_2(D), num_warps=1)
 
 
 APPEND = {"v1": append_v1, "v2": append_v1, "v3": append_v3}  # v2: append has no compiled twin, it runs v1
 
 
 def append_(k_packed, v_packed, pos, start, length, capacity, k_new, v_new, position, impl="auto", check=True):
-    """Append one token per head in place (impl: auto / v1 / v2 = v1 / v3); raises on overflow (check=False: skip)."""
+    """Append T tokens per head, k_new, v_new (B, H, T, D), in place (impl: auto / v1 / v2 = v1 / v3);
+    raises when a head lacks T spare rows (check=False: such rows are skipped)."""
     _pick(APPEND, impl, k_packed)(k_packed, v_packed, pos, start, length, capacity, k_new, v_new, position, check)
 
 
 # -----------------------------------------------------------------------------
 # benchmark, small: bytes first, then triton.testing.do_bench (median, L2 flushed) side by side.
-# bench_kernels.py has the full table (CUDA-graph timings, skewed lengths, variants, the targets).
+# bench/kernels.py has the full table (CUDA-graph timings, skewed lengths, variants, the targets).
 
 
 def _spread(B, H, mean):
@@ -833,8 +856,8 @@ def _spread(B, H, mean):
 def bench():
     """One small table: E1 evict, D1 / D2 decode and A1 append, v1 / v2 / v3 beside a copy or SDPA."""
     if not torch.cuda.is_available():
-        raise SystemExit("kernels.py --bench needs a CUDA card (it times GPU kernels); on the CPU run "
-                         "`python -m pytest -q test_kernels.py`, which checks every version under the interpreter")
+        raise SystemExit("kernels.py --bench needs a CUDA card (it times GPU kernels); on the CPU run `python -m "
+                         "pytest -q tests/test_kernels.py`, which checks every version under the interpreter")
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from triton.testing import do_bench
     dev, dtype, D, elt = "cuda", torch.bfloat16, 128, 2
@@ -869,7 +892,7 @@ def bench():
     start, length, capacity, N = _layout(_spread(1, 32, 6553), 8192, dev)  # room for every timed call
     kp, vp = (torch.randn(N, D, dtype=dtype, device=dev) for _ in range(2))
     pos = torch.zeros(N, dtype=torch.long, device=dev)
-    kn, vn = (torch.randn(1, 32, D, dtype=dtype, device=dev) for _ in range(2))
+    kn, vn = (torch.randn(1, 32, 1, D, dtype=dtype, device=dev) for _ in range(2))  # (B, H, T=1, D)
     for impl in ("v1", "v3"):  # check=False: a head that fills up is skipped, not an error
         add("A1 append B=1 H=32", impl, lambda impl=impl: APPEND[impl](kp, vp, pos, start, length, capacity, kn, vn,
                                                                        7, check=False), 4 * 32 * D * elt)
@@ -911,6 +934,6 @@ def demo():
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bench", action="store_true", help="a few timed rows (needs CUDA); the full "
-                                                             "benchmark is bench_kernels.py")
+                                                             "benchmark is python -m bench.kernels")
     args = parser.parse_args()
     bench() if args.bench else demo()

@@ -9,7 +9,7 @@ its group of query heads reads it together. The cache's math (evict, decode atte
 lives once, in kernels.py, as v1 (PyTorch), v2 (torch.compile) and v3 (Triton).
 
     python model.py            # load the shipped checkpoint and print its size and cache bytes
-    hf.load_model("path/to/Llama-3.1-8B-Instruct")   # a real checkpoint, through GPT.from_pretrained
+    hf.load_model("path/to/Llama-3.1-8B-Instruct")   # a real checkpoint (experiments/hf.py), GPT.from_pretrained
 
 Shapes: B batch, L layers, H KV heads, G query heads per KV head, T tokens, D head dim,
 C model width, V vocabulary.
@@ -169,242 +169,209 @@ def attention_probs(q, k, mask):
 class KVCache:
     """A KV cache in which every (layer, batch row, KV head) keeps its own number of tokens.
 
-    Memory layout, one set per layer l (rows of all heads packed back to back, no padding):
+    Verbs: prefill (a prompt), append (new tokens: a decode step, or a chunk such as a question),
+    keep (evict given slots), evict (evict by score), attend; copies: clone, repeat; inspection:
+    keys, kept_mask, nbytes. kernels.py computes, the verbs install its results. impl picks who runs
+    evict / attend / append: "v1" PyTorch (any device; the default on the CPU), "v2" torch.compile,
+    "v3" Triton (the default on CUDA; the CPU under TRITON_INTERPRET=1); kernels.py says what each is.
 
-        k[l], v[l]   (N_l, D)   head (b, h) owns rows start[l, b, h] ... start + capacity - 1;
-                                the first length[l, b, h] of them are its tokens, in ascending
-                                token order, the rest are spare rows for appends.
-        pos[l]       (N_l,)     int64, the original token position of every row, so one can
-                                always ask which tokens a head still holds.
-        start, length, capacity (L, B, H) int64
-
-    N_l = sum of capacities. `keep` and `evict` allocate new, smaller storage holding only the
-    kept rows, so evicting really frees memory (masking would not). `append` writes one row per
-    head in place, O(B * H * D) bytes, and only re-packs when a head's spare rows run out.
-
-    Verbs: prefill (the prompt's K/V), append (one decoded token), keep (evict given slots),
-    evict (evict by score), attend (one decode step). `nbytes()` reports what K and V occupy.
-    The cache owns its fields: kernels.py computes (returns new rows or writes the rows it is
-    handed), the verbs here install the results.
-
-    impl, who runs evict / attend / append (all in kernels.py, one math):
-        "v1"  the PyTorch reference (any device; the default on the CPU)
-        "v2"  v1 under torch.compile (evict and attend; append stays v1, it has no compiled twin)
-        "v3"  the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1; the default on CUDA)
-    attend(need_probs=True) always runs v1, the one path that returns the attention weights.
-
-    The prefill / decode protocol: `seen` counts the tokens fed so far (the position of the next
-    token). A forward pass writes layers 0 .. L-1 in order, and only the last layer's prefill or
-    append advances `seen`, so every layer of one pass reads the same value: seen == 0 means this
-    pass is the prompt (Attention prefills), seen > 0 means decode one token (Attention appends and
-    attends). GPT.forward and Attention.forward read it; nothing else changes it.
+    `seen` counts the tokens fed so far (the position of the next one). A forward pass writes layers
+    0 .. L-1 in order and only the last layer advances it, so every layer of one pass reads the same
+    value: 0 means the pass is the prompt (Attention prefills), more means new tokens (append, attend).
     """
 
     IMPLS = ("v1", "v2", "v3")
 
-    def __init__(self, cfg, batch_size, device="cpu", dtype=torch.float32, slack=32, impl=None):
-        self.cfg, self.B, self.device, self.dtype = cfg, batch_size, torch.device(device), dtype
+    def __init__(self, n_layer, n_kv_head, head_dim, batch_size=1, device="cpu", dtype=torch.float32, slack=32,
+                 impl=None):
+        self.n_layer, self.n_kv_head, self.head_dim, self.B = n_layer, n_kv_head, head_dim, batch_size
+        self.device, self.dtype = torch.device(device), dtype
         self.slack = slack  # spare rows per head after prefill / keep / evict / re-pack
         if impl is None:
             impl = "v3" if self.device.type == "cuda" and kernels.HAVE_TRITON else "v1"
         if impl not in self.IMPLS:
-            raise ValueError(f"impl must be one of {self.IMPLS} (v1 PyTorch reference, v2 torch.compile, v3 Triton) "
-                             f"or None (v3 on CUDA, else v1); got {impl!r}"
-                             + (" ('reference' is now 'v1')" if impl == "reference" else ""))
+            raise ValueError(f"impl must be one of {list(self.IMPLS)} (v1 PyTorch reference, v2 torch.compile, "
+                             f"v3 Triton) or None (v3 on CUDA with Triton, else v1); got {impl!r}")
         self.impl = impl
-        L, B, H = cfg.n_layer, batch_size, cfg.n_kv_head
-        self.k = [None] * L
-        self.v = [None] * L
-        self.pos = [None] * L
+        # Memory layout, one set per layer l (the rows of all heads packed back to back, no padding):
+        #   k[l], v[l]   (N_l, D)  head (b, h) owns rows start[l, b, h] ... start + capacity - 1; the first
+        #                          length[l, b, h] of them are its tokens in ascending token order, the rest
+        #                          are spare rows for appends
+        #   pos[l]       (N_l,)    int64 original token position of every row (-1 on spare rows), so one can
+        #                          always ask which tokens a head still holds
+        #   start, length, capacity   (L, B, H) int64; N_l = the sum of layer l's capacities
+        # keep and evict allocate new, smaller storage holding only the kept rows, so evicting really frees
+        # memory (masking would not); append writes in place and re-packs only when spare rows run out.
+        L, B, H = n_layer, batch_size, n_kv_head
+        self.k, self.v, self.pos = [None] * L, [None] * L, [None] * L
         self.start = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
         self.length = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
         self.capacity = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
-        self.seen = 0  # tokens fed so far = the position of the next token (the protocol: see above)
+        self.seen = 0  # tokens fed so far = the position of the next token (the protocol above)
 
-    # -- storage helpers
+    # -- storage
 
     def _allocate(self, layer, capacity):
         """Fresh packed storage for a layer with the given per-head capacities (B, H)."""
-        cap = capacity.flatten()  # (B*H,)
-        start = torch.cumsum(cap, 0) - cap  # exclusive prefix sum: where each head begins
-        n_rows = int(cap.sum())
-        D = self.cfg.head_dim
-        self.k[layer] = torch.empty(n_rows, D, dtype=self.dtype, device=self.device)
-        self.v[layer] = torch.empty(n_rows, D, dtype=self.dtype, device=self.device)
+        n_rows = int(capacity.sum())
+        self.k[layer] = torch.empty(n_rows, self.head_dim, dtype=self.dtype, device=self.device)
+        self.v[layer] = torch.empty(n_rows, self.head_dim, dtype=self.dtype, device=self.device)
         self.pos[layer] = torch.full((n_rows,), -1, dtype=torch.long, device=self.device)
-        self.start[layer] = start.view(self.B, -1)
+        self.start[layer] = torch.cumsum(capacity.flatten(), 0).view_as(capacity) - capacity  # exclusive prefix sum
         self.capacity[layer] = capacity
 
-    def _rows(self, layer, idx):
-        """Packed row numbers of per-head token slots idx (B, H, K) -> (B, H, K)."""
-        return self.start[layer][..., None] + idx
+    def _rows(self, layer, slots):
+        """Packed row numbers of per-head token slots (B, H, K) -> (B, H, K)."""
+        return self.start[layer][..., None] + slots
 
-    def _move(self, layer, src_rows, dst_counts, new_capacity, valid):
-        """Copy rows src_rows (B, H, K) [valid] into fresh storage; dst_counts (B, H) per head."""
+    def _move(self, layer, slots, counts, spare):
+        """Copy each head's first counts[b, h] slots (B, H, K) into fresh storage with `spare` rows to spare."""
         old_k, old_v, old_pos = self.k[layer], self.v[layer], self.pos[layer]
-        self._allocate(layer, new_capacity)
-        K = src_rows.shape[-1]
-        dst_rows = self._rows(layer, torch.arange(K, device=self.device).expand_as(src_rows))
-        src, dst = src_rows[valid], dst_rows[valid]  # (n_kept,) each, head-major, ascending
-        self.k[layer][dst] = old_k[src]
-        self.v[layer][dst] = old_v[src]
-        self.pos[layer][dst] = old_pos[src]
-        self.length[layer] = dst_counts
+        order = torch.arange(slots.shape[-1], device=self.device).expand_as(slots)  # (B, H, K)
+        valid = order < counts[..., None]  # (B, H, K)
+        src = self._rows(layer, slots)[valid]  # (n_kept,) head-major
+        self._allocate(layer, counts + spare)
+        dst = self._rows(layer, order)[valid]  # (n_kept,) the same heads, from their first row on
+        self.k[layer][dst], self.v[layer][dst], self.pos[layer][dst] = old_k[src], old_v[src], old_pos[src]
+        self.length[layer] = counts
+
+    def _row_heads(self, capacity, n_rows):
+        """The head b * H + h that owns each packed row (N,): heads hold capacity[b, h] rows, back to back."""
+        heads = torch.arange(capacity.numel(), device=self.device)
+        return torch.repeat_interleave(heads, capacity.flatten(), output_size=n_rows)
 
     # -- the verbs
 
     def prefill(self, layer, k, v):
         """Store a prompt's keys and values, k and v (B, H, T, D), for one layer."""
+        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (self.B, self.n_kv_head, self.head_dim):
+            raise ValueError(f"prefill expects k, v (B={self.B}, H={self.n_kv_head}, T, D={self.head_dim}), "
+                             f"got {tuple(k.shape)}")
         B, H, T, D = k.shape
-        assert (B, H, D) == (self.B, self.cfg.n_kv_head, self.cfg.head_dim), \
-            f"prefill expects (B={self.B}, H={self.cfg.n_kv_head}, T, D={self.cfg.head_dim}), got {tuple(k.shape)}"
         self._allocate(layer, torch.full((B, H), T + self.slack, dtype=torch.long, device=self.device))
-        rows = self._rows(layer, torch.arange(T, device=self.device).expand(B, H, T))  # (B, H, T)
-        self.k[layer][rows] = k.to(self.dtype)
-        self.v[layer][rows] = v.to(self.dtype)
-        self.pos[layer][rows] = torch.arange(T, device=self.device).expand(B, H, T)
+        slots = torch.arange(T, device=self.device).expand(B, H, T)  # (B, H, T)
+        rows = self._rows(layer, slots)
+        self.k[layer][rows], self.v[layer][rows], self.pos[layer][rows] = k.to(self.dtype), v.to(self.dtype), slots
         self.length[layer] = T
-        if layer == self.cfg.n_layer - 1:
+        if layer == self.n_layer - 1:
             self.seen = T
 
-    def append(self, layer, k, v, position=None):
-        """Write one decoded token's k and v (B, H, D) at the end of every head's rows (its position:
-        `seen` unless given, as when a chunk of tokens is appended one after another)."""
-        if bool((self.length[layer] >= self.capacity[layer]).any()):
-            # a head is full: re-pack this layer with fresh spare rows (amortised, not every step)
-            idx = torch.arange(int(self.length[layer].max()), device=self.device)
-            valid = idx < self.length[layer][..., None]  # (B, H, K)
-            src = self._rows(layer, idx.expand(*valid.shape))
-            self._move(layer, src, self.length[layer].clone(), self.length[layer] + self.slack, valid)
-        # in place, O(B * H * D) bytes: row start + length of every head, and length += 1 (a view of ours)
+    def append(self, layer, k, v):
+        """Write T >= 1 new tokens, k and v (B, H, T, D), after every head's rows (positions seen ..), in place;
+        a layer whose heads lack T spare rows is re-packed once first, with T + slack spare rows per head."""
+        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (self.B, self.n_kv_head, self.head_dim) or \
+                k.shape[2] < 1:
+            raise ValueError(f"append expects k, v (B={self.B}, H={self.n_kv_head}, T >= 1, D={self.head_dim}), "
+                             f"got {tuple(k.shape)}")
+        B, H, T, D = k.shape
+        length = self.length[layer]  # (B, H), a view: append_ grows it in place
+        if bool((length + T > self.capacity[layer]).any()):  # amortised: not every step
+            slots = torch.arange(int(length.max()), device=self.device).expand(B, H, -1)  # (B, H, K)
+            self._move(layer, slots, length.clone(), T + self.slack)
         kernels.append_(self.k[layer], self.v[layer], self.pos[layer], self.start[layer], self.length[layer],
                         self.capacity[layer], k.to(self.dtype).contiguous(), v.to(self.dtype).contiguous(),
-                        self.seen if position is None else position, impl=self.impl,
-                        check=False)  # capacity was checked above (v2 appends as v1)
-        if layer == self.cfg.n_layer - 1:
-            self.seen += 1
+                        self.seen, impl=self.impl, check=False)  # capacity was made sure of above
+        if layer == self.n_layer - 1:
+            self.seen += T
 
     def keep(self, layer, kept_idx, counts=None):
-        """Evict: keep only the given token slots of every head, in ascending order.
-
-        kept_idx (B, H, K) int64: slots (0 .. length-1) each head keeps; only the first
-        counts[b, h] entries of a row are read when counts (B, H) is given (rows of
-        different lengths, padded). Any order; duplicates and out-of-range slots are refused.
-        """
-        B, H = self.B, self.cfg.n_kv_head
-        if kept_idx.dim() != 3 or kept_idx.shape[:2] != (B, H):
-            raise ValueError(f"kept_idx must have shape (B={B}, H={H}, K), got {tuple(kept_idx.shape)}")
-        if kept_idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"kept_idx must hold integer slots, got dtype {kept_idx.dtype}")
-        kept_idx = kept_idx.to(self.device, torch.long)
-        K = kept_idx.shape[-1]
-        counts = torch.full((B, H), K, dtype=torch.long, device=self.device) if counts is None \
-            else counts.to(self.device, torch.long)
-        if counts.shape != (B, H):
-            raise ValueError(f"counts must have shape (B={B}, H={H}), got {tuple(counts.shape)}")
-        length = self.length[layer]
-        if bool((counts < 0).any()) or bool((counts > K).any()) or bool((counts > length).any()):
-            bad = (counts > length).nonzero()
-            raise ValueError(f"layer {layer}: each head keeps between 0 and its length tokens "
-                             f"(and at most K={K}); got counts {counts.tolist()} for lengths {length.tolist()}"
-                             + (f", first offending head (b, h) = {bad[0].tolist()}" if len(bad) else ""))
+        """Evict by explicit slots: head (b, h) keeps slots kept_idx[b, h, :counts[b, h]] (0 .. length - 1, any
+        order, distinct), in ascending order. kept_idx (B, H, K) int; counts (B, H), K when not given."""
+        B, H, K, length = self.B, self.n_kv_head, kept_idx.shape[-1], self.length[layer]
+        if kept_idx.dim() != 3 or kept_idx.shape[:2] != (B, H) or kept_idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"kept_idx must hold integer slots of shape (B={B}, H={H}, K); got {kept_idx.dtype} "
+                             f"{tuple(kept_idx.shape)}")
+        counts = torch.full((B, H), K, device=self.device) if counts is None else counts.to(self.device, torch.long)
+        if counts.shape != (B, H) or bool(((counts < 0) | (counts > K) | (counts > length)).any()):
+            raise ValueError(f"layer {layer}: counts (B={B}, H={H}): each head keeps between 0 and its length tokens "
+                             f"(and at most K={K}); got {counts.tolist()} for lengths {length.tolist()}")
         valid = torch.arange(K, device=self.device) < counts[..., None]  # (B, H, K)
-        if bool(((kept_idx < 0) | (kept_idx >= length[..., None]))[valid].any()):
-            raise ValueError(f"layer {layer}: kept slots must lie in [0, length) of their head; "
-                             f"got min {int(kept_idx[valid].min())}, max {int(kept_idx[valid].max())} "
-                             f"for lengths {length.tolist()}")
-        # sort each row (invalid entries last), then refuse duplicates
-        big = torch.iinfo(torch.long).max
-        ordered = torch.sort(kept_idx.masked_fill(~valid, big), dim=-1).values
+        slots = kept_idx.to(self.device, torch.long).masked_fill(~valid, torch.iinfo(torch.long).max)
+        ordered = torch.sort(slots, dim=-1).values  # (B, H, K) ascending, padding last: valid stays in front
+        if bool(((ordered < 0) | (ordered >= length[..., None]))[valid].any()):
+            raise ValueError(f"layer {layer}: kept slots must lie in [0, length) of their head; got min "
+                             f"{int(ordered[valid].min())}, max {int(ordered[valid].max())}, lengths {length.tolist()}")
         if bool(((ordered[..., 1:] == ordered[..., :-1]) & valid[..., 1:]).any()):
             raise ValueError(f"layer {layer}: kept slots of a head must be distinct; got duplicates")
-        src = self._rows(layer, ordered.masked_fill(~valid, 0))
-        self._move(layer, src, counts, counts + self.slack, valid)
-
-    def attend(self, layer, q, need_probs=False):
-        """One decode step: q (B, H, G, D) attends to each head's own rows -> (out (B, H, G, D), probs).
-
-        probs (B, H, G, K) are the attention weights over each head's first K = max length rows (0
-        past a head's length) when need_probs, else None; they come from v1, whatever the impl.
-        """
-        args = (q.to(self.dtype).contiguous(), self.k[layer], self.v[layer], self.start[layer], self.length[layer])
-        if need_probs:
-            out, probs = kernels.decode_v1(*args, return_probs=True)
-            return out.to(q.dtype), probs
-        return kernels.decode_attention(*args, impl=self.impl).to(q.dtype), None
-
-    def attend_chunk(self, layer, q, need_probs=False):
-        """A chunk of Tq new tokens (already appended) attends to each head's rows, token t to the rows
-        before it and itself: q (B, H, G, Tq, D) -> (out (B, H, G, Tq, D), probs (B, H, G, Tq, K) or None).
-
-        kernels.attend_rows, the per-head math of attend (v1) with a causal mask inside the chunk;
-        feeding a question this way costs one pass, not Tq decode steps."""
-        out, probs = kernels.attend_rows(q.to(self.dtype).contiguous(), self.k[layer], self.v[layer],
-                                         self.start[layer], self.length[layer], return_probs=need_probs)
-        return out.to(q.dtype), probs
+        self._move(layer, ordered.masked_fill(~valid, 0), counts, self.slack)
 
     def evict(self, layer, scores, counts, sink=0, window=0):
-        """Evict by score right after prefill: head (b, h) keeps its counts[b, h] best tokens.
-
-        scores (B, H, T), one per token; the first `sink` and last `window` tokens are always
-        kept, ties go to the later (more recent) token. kernels.evict selects and compacts (a
-        radix select on the GPU) into fresh storage, which becomes this layer's; `keep` is the
-        same thing for explicit slots.
-        """
+        """Evict by score when every head holds the same T rows (after prefill, also after repeat): head (b, h)
+        keeps its counts[b, h] best rows by scores (B, H, T), always the first `sink` and last `window`, ties
+        to the later row. kernels.evict selects and compacts them into fresh storage, which becomes the layer's."""
         n = self.length[layer]
         if not bool((n == n.flatten()[0]).all()):
-            raise ValueError(f"evict works on a freshly prefilled layer (all heads {tuple(n.shape)} of one "
-                             f"length); got lengths {n.tolist()}: use keep() with explicit slots instead")
+            raise ValueError(f"evict needs every head of layer {layer} to hold the same number of rows (as after "
+                             f"prefill); got lengths {n.tolist()}: use keep() with explicit slots instead")
         T = int(n.flatten()[0])
         rows = self._rows(layer, torch.arange(T, device=self.device))  # (B, H, T)
-        k, v = self.k[layer][rows], self.v[layer][rows]  # (B, H, T, D) each, contiguous
+        k, v, held = self.k[layer][rows], self.v[layer][rows], self.pos[layer][rows]  # (B, H, T[, D]) contiguous
         packed = kernels.evict(k, v, scores.to(self.device).contiguous(), counts, sink, window, self.slack,
-                               impl=self.impl)  # a kernels.PackedKV: the kept rows, packed
-        self.k[layer], self.v[layer], self.pos[layer] = packed.k, packed.v, packed.pos
+                               impl=self.impl)  # a kernels.PackedKV; its pos are slots 0 .. T - 1
+        heads = self._row_heads(packed.capacity, packed.k.shape[0])  # (N,)
+        pos = torch.where(packed.pos >= 0, held.view(-1)[heads * T + packed.pos.clamp(min=0)], -1)  # slot -> position
+        self.k[layer], self.v[layer], self.pos[layer] = packed.k, packed.v, pos
         self.start[layer], self.length[layer], self.capacity[layer] = packed.start, packed.length, packed.capacity
+
+    def attend(self, layer, q, need_probs=False):
+        """The new tokens q (B, H, G, Tq, D), every head's last Tq rows, attend to their head's rows, causally
+        inside the chunk -> out (B, H, G, Tq, D), and the weights (B, H, G, Tq, K = max length) or None.
+        Tq = 1 is a decode step (kernels.decode_attention, the cache's impl); need_probs or Tq > 1 run v1's
+        per-head math (kernels.attend_rows)."""
+        dtype, q = q.dtype, q.to(self.dtype).contiguous()
+        rows = (self.k[layer], self.v[layer], self.start[layer], self.length[layer])
+        if q.shape[3] == 1 and not need_probs:
+            out = kernels.decode_attention(q[:, :, :, 0], *rows, impl=self.impl)  # (B, H, G, D)
+            return out[:, :, :, None].to(dtype), None
+        out, probs = kernels.attend_rows(q, *rows, return_probs=need_probs)
+        return out.to(dtype), probs
+
+    # -- copies: a new cache through the constructor, its fields filled
+
+    def _copy(self, batch_size, k, v, pos, start, length, capacity):
+        other = KVCache(self.n_layer, self.n_kv_head, self.head_dim, batch_size, self.device, self.dtype, self.slack,
+                        self.impl)
+        other.k, other.v, other.pos, other.seen = k, v, pos, self.seen
+        other.start, other.length, other.capacity = start, length, capacity
+        return other
 
     def clone(self):
         """An independent copy (the evaluation compresses one prefilled cache many ways)."""
-        other = KVCache.__new__(KVCache)
-        other.__dict__.update(self.__dict__)
-        other.k = [t.clone() if t is not None else None for t in self.k]
-        other.v = [t.clone() if t is not None else None for t in self.v]
-        other.pos = [t.clone() if t is not None else None for t in self.pos]
-        other.start, other.length, other.capacity = self.start.clone(), self.length.clone(), self.capacity.clone()
-        return other
+        k, v, pos = ([None if t is None else t.clone() for t in ts] for ts in (self.k, self.v, self.pos))
+        return self._copy(self.B, k, v, pos, self.start.clone(), self.length.clone(), self.capacity.clone())
 
     def repeat(self, n):
-        """A cache of n * B rows: row i * B + b is a copy of row b (compress each row its own way,
+        """A cache of n * B rows in which row i * B + b is a copy of row b (compress each row its own way,
         then decode all of them as one batch)."""
-        other = KVCache.__new__(KVCache)
-        other.__dict__.update(self.__dict__)
-        other.B = n * self.B
-        other.k = [t.repeat(n, 1) if t is not None else None for t in self.k]  # (n * N_l, D) each
-        other.v = [t.repeat(n, 1) if t is not None else None for t in self.v]
-        other.pos = [t.repeat(n) if t is not None else None for t in self.pos]  # (n * N_l,)
-        rows = torch.tensor([t.shape[0] if t is not None else 0 for t in self.k], device=self.device)  # (L,) N_l
+        k, v, pos = ([None if t is None else torch.cat([t] * n) for t in ts] for ts in (self.k, self.v, self.pos))
+        rows = torch.tensor([0 if t is None else t.shape[0] for t in self.k], device=self.device)  # (L,) N_l
         copy = torch.arange(n, device=self.device).repeat_interleave(self.B)  # (n * B,) the copy a row is in
-        other.start = self.start.repeat(1, n, 1) + copy[None, :, None] * rows[:, None, None]  # (L, n * B, H)
-        other.length, other.capacity = self.length.repeat(1, n, 1), self.capacity.repeat(1, n, 1)
-        return other
-
-    def keys(self, layer, b=0):
-        """Keys of every head of batch row b, (H, T, D), when all heads hold the same T tokens."""
-        n = self.length[layer, b]
-        assert bool((n == n[0]).all()), "keys() needs equal head lengths (call it before evicting)"
-        return self.k[layer][self._rows(layer, torch.arange(int(n[0]), device=self.device))[b]]
+        start = self.start.repeat(1, n, 1) + copy[None, :, None] * rows[:, None, None]  # (L, n * B, H)
+        return self._copy(n * self.B, k, v, pos, start, self.length.repeat(1, n, 1), self.capacity.repeat(1, n, 1))
 
     # -- inspection
 
-    def kept_positions(self, layer, b, h):
-        """The original token positions head (b, h) of a layer still holds, ascending."""
-        s, n = int(self.start[layer, b, h]), int(self.length[layer, b, h])
-        return self.pos[layer][s:s + n]
+    def keys(self, layer, b=0):
+        """Keys of every head of batch row b, (H, T, D), when all of them hold the same T rows (before evicting)."""
+        n = self.length[layer, b]
+        if not bool((n == n[0]).all()):
+            raise ValueError(f"keys() needs every head to hold the same number of rows (call it before evicting); "
+                             f"layer {layer}, row {b} holds {n.tolist()}")
+        return self.k[layer][self._rows(layer, torch.arange(int(n[0]), device=self.device))[b]]
+
+    def kept_mask(self, layer, T):
+        """(B, H, T) bool: True where head (b, h) of the layer still holds original position t (t < T)."""
+        pos = self.pos[layer]  # (N,)
+        heads = self._row_heads(self.capacity[layer], pos.shape[0])  # (N,)
+        held = (pos >= 0) & (pos < T)  # spare rows hold -1; tokens appended later hold positions >= T
+        mask = torch.zeros(self.B * self.n_kv_head, T, dtype=torch.bool, device=self.device)
+        mask[heads[held], pos[held]] = True
+        return mask.view(self.B, self.n_kv_head, T)
 
     def nbytes(self, allocated=False):
-        """Bytes of K and V held: rows in use, or (allocated=True) all rows incl. spare ones."""
+        """Bytes of K and V held: rows in use, or (allocated=True) all rows including spare ones."""
         rows = int(self.capacity.sum()) if allocated else int(self.length.sum())
-        return 2 * rows * self.cfg.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * rows * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
 
 
 @dataclass
@@ -412,19 +379,19 @@ class Probe:
     """What the method needs to see inside attention, filled in by the one attention code path.
 
     query_pos: positions whose attention weights to all earlier tokens the prefill records
-    (SnapKV's observation window); decode: record every step's weights to all cached rows
-    (the oracle). keep_values: record each layer's value vectors (B, H, T, D) of the prompt.
-    query_stats = n: the mean and covariance of each query head's pre-RoPE queries past the first
-    n positions (Expected Attention; n = the sinks). Attention calls the verbs record_queries
-    (before RoPE), record_prefill and record_decode; a new kind of record is a field here and a
-    line in one of them.
+    (SnapKV's observation window); decode: record the weights of every token fed after the prompt
+    over all cached rows (the oracle). keep_values: record each layer's value vectors (B, H, T, D) of
+    the prompt. query_stats = n: the mean and covariance of each query head's pre-RoPE queries past
+    the first n positions (Expected Attention; n = the sinks). Attention calls the verbs
+    record_queries (before RoPE), record_prefill and record_decode; a new kind of record is a field
+    here and a line in one of them.
     """
     query_pos: torch.Tensor = None
     decode: bool = False
     keep_values: bool = False
     query_stats: int = None  # Expected Attention: query statistics past this many first positions
     prefill_attn: dict = field(default_factory=dict)  # layer -> (B, H, G, Tq, T)
-    decode_attn: list = field(default_factory=list)  # step -> {layer: (B, H, G, rows)}
+    decode_attn: list = field(default_factory=list)  # step (one token fed after the prompt) -> {layer: (B, H, G, rows)}
     values: dict = field(default_factory=dict)  # layer -> (B, H, T, D)
     query_mean: dict = field(default_factory=dict)  # layer -> (B, H*G, D)
     query_cov: dict = field(default_factory=dict)  # layer -> (B, H*G, D, D)
@@ -449,14 +416,16 @@ class Probe:
         if self.keep_values:
             self.values[layer] = v.detach()  # (B, H, T, D)
 
-    def record_decode(self, layer, probs, step=-1):
-        """One decode step of one layer: probs (B, H, G, rows) over the cache's rows (KVCache.attend).
-        A chunk of Tq tokens records its steps -Tq .. -1 in order (layer 0 opens each step)."""
+    def record_decode(self, layer, probs):
+        """Tokens fed after the prompt, one layer: probs (B, H, G, Tq, rows) over the cache's rows (KVCache.attend).
+        Each of the Tq tokens is one step: layer 0 opens the chunk's Tq steps, later layers fill the same ones."""
         if not self.decode:
             return
+        Tq = probs.shape[3]
         if layer == 0:
-            self.decode_attn.append({})
-        self.decode_attn[-1 if layer == 0 else step][layer] = probs
+            self.decode_attn.extend({} for _ in range(Tq))
+        for t, step in enumerate(self.decode_attn[len(self.decode_attn) - Tq:]):
+            step[layer] = probs[:, :, :, t]  # (B, H, G, rows)
 
 
 # -----------------------------------------------------------------------------
@@ -484,26 +453,7 @@ class Attention(nn.Module):
             probe.record_queries(self.layer_idx, q)  # (B, H*G, T, D) before RoPE: Expected Attention
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is not None and cache.seen > 0 and T > 1:
-            # a chunk after the prompt (a question): its K/V go in row by row, then it attends causally
-            start = cache.seen
-            for t in range(T):
-                cache.append(self.layer_idx, k[:, :, t], v[:, :, t], position=start + t)
-            need_probs = probe is not None and probe.decode  # only the oracle's probe reads the weights
-            y, probs = cache.attend_chunk(self.layer_idx, q.view(B, H, G, T, D), need_probs)  # (B, H, G, T, D)
-            if need_probs:
-                for t in range(T):  # the oracle sees every token of the chunk as one decode step
-                    probe.record_decode(self.layer_idx, probs[:, :, :, t], step=t - T)
-            y = y.permute(0, 3, 1, 2, 4).reshape(B, T, H * G * D)  # (B, T, H*G*D)
-        elif cache is not None and cache.seen > 0:  # the cache's protocol: seen > 0 is decode (KVCache)
-            # decode: one new token; its K/V go into the cache, then it attends to every row kept
-            cache.append(self.layer_idx, k[:, :, 0], v[:, :, 0])
-            need_probs = probe is not None and probe.decode  # only the oracle's probe reads the weights
-            y, probs = cache.attend(self.layer_idx, q[:, :, 0].view(B, H, G, D), need_probs=need_probs)
-            if probe is not None:
-                probe.record_decode(self.layer_idx, probs)  # (B, H, G, rows), or None when not recorded
-            y = y.reshape(B, 1, H * G * D)  # (B, 1, H*G*D)
-        else:
+        if cache is None or cache.seen == 0:
             # full causal attention over the prompt (training, the uncached twin, and prefill)
             # each KV head is repeated for its G query heads so every PyTorch version takes its flash kernel
             kr, vr = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # (B, H*G, T, D)
@@ -513,6 +463,15 @@ class Attention(nn.Module):
                 cache.prefill(self.layer_idx, k, v)
             if probe is not None:
                 probe.record_prefill(self.layer_idx, q.view(B, H, G, T, D), k, v)  # (B, H, G, T, D) query groups
+        else:
+            # a filled cache: the T new tokens (one decode step, or a chunk such as a question) go in after
+            # every head's rows, then attend to the rows kept, causally inside the chunk
+            cache.append(self.layer_idx, k, v)
+            need_probs = probe is not None and probe.decode  # only the oracle's probe reads the weights
+            y, probs = cache.attend(self.layer_idx, q.view(B, H, G, T, D), need_probs)  # (B, H, G, T, D)
+            if need_probs:
+                probe.record_decode(self.layer_idx, probs)  # (B, H, G, T, rows)
+            y = y.permute(0, 3, 1, 2, 4).reshape(B, T, H * G * D)  # (B, T, H*G*D)
         return self.o_proj(y)
 
 
@@ -583,10 +542,7 @@ class GPT(nn.Module):
         one: with a large vocabulary the head is a tenth of a small model's prefill).
         """
         B, T = idx.shape
-        if cache is not None and cache.seen > 0:
-            start = cache.seen  # decode: one token, or a chunk (Attention appends it and attends causally)
-        else:
-            start = 0
+        start = 0 if cache is None else cache.seen  # the position of the first new token
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of "
                              f"{self.cfg.block_size}; shorten the prompt")
@@ -611,36 +567,46 @@ class GPT(nn.Module):
         return w.view(cfg.n_embd, cfg.n_kv_head, cfg.group, cfg.head_dim).permute(1, 2, 0, 3)
 
     def new_cache(self, batch_size=1, slack=32, impl=None):
-        """An empty KVCache on the model's device and dtype (impl: see KVCache)."""
-        p = self.embed_tokens.weight
-        return KVCache(self.cfg, batch_size, device=p.device, dtype=p.dtype, slack=slack, impl=impl)
+        """An empty KVCache for this model on its device and dtype (slack, impl: see KVCache)."""
+        p, cfg = self.embed_tokens.weight, self.cfg
+        return KVCache(cfg.n_layer, cfg.n_kv_head, cfg.head_dim, batch_size, device=p.device, dtype=p.dtype,
+                       slack=slack, impl=impl)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, cache=None, temperature=0.0, stop_token=None, generator=None, probe=None):
-        """Feed idx (B, T) through the cache (prefill or continue), then sample new tokens.
+    def generate(self, idx, max_new_tokens, cache=None, temperature=0.0, stop_ids=(), done=None, generator=None,
+                 probe=None):
+        """Feed idx (B, T) through the cache (a prefill if it is empty, else a chunk), then decode: B lists of new ids.
 
-        Greedy when temperature == 0; stop_token: one id or a collection of ids, generation stops
-        once every row has produced one. Returns (new tokens (B, <= max_new_tokens), cache).
+        Row b finishes when it emits a token in stop_ids (left out of its list) or when done(its ids so
+        far) returns True (its ids kept as they are). A finished row gets no more tokens, so what a row
+        decodes never depends on the rows beside it; decoding ends when every row has finished or after
+        max_new_tokens. Each step's tokens are fed back through the cache until then, the last step's
+        too (a probe sees the query of every token kept; a finished row is fed a token nothing reads).
+        Greedy at temperature 0, else sampled from softmax(logits / temperature) with `generator`.
         """
-        cache = cache if cache is not None else self.new_cache(idx.shape[0])
-        stops = None if stop_token is None else torch.tensor(
-            [stop_token] if isinstance(stop_token, int) else sorted(stop_token), dtype=torch.long, device=idx.device)
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+        B = idx.shape[0]
+        cache = cache if cache is not None else self.new_cache(B)
+        stops = {int(stop_ids)} if isinstance(stop_ids, int) else {int(t) for t in stop_ids}
+        rows, finished = [[] for _ in range(B)], [False] * B
         logits = self(idx, cache=cache, probe=probe, last_only=True)[:, -1]  # (B, V)
-        out = []
         for _ in range(max_new_tokens):
             if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)  # (B, 1)
+                nxt = logits.argmax(-1)  # (B,)
             else:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            out.append(nxt)
-            if stops is not None:
-                done |= torch.isin(nxt[:, 0], stops)
-                if bool(done.all()):
-                    break
-            logits = self(nxt, cache=cache, probe=probe)[:, -1]
-        return torch.cat(out, dim=1), cache
+                probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+                nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
+            for b, token in enumerate(nxt.tolist()):
+                if finished[b]:
+                    continue
+                if token in stops:
+                    finished[b] = True
+                else:
+                    rows[b].append(token)
+                    finished[b] = done is not None and bool(done(rows[b]))
+            if all(finished):
+                break
+            logits = self(nxt[:, None], cache=cache, probe=probe)[:, -1]  # (B, V)
+        return rows
 
     @classmethod
     def from_pretrained(cls, cfg, tensors, device="cpu", dtype=None):

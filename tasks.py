@@ -25,10 +25,16 @@ compressed before the question is seen, the paper's query-agnostic setting):
 import argparse
 import base64
 import hashlib
+import math
+import os
 import random
+import subprocess
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
+import numpy as np
 import regex
 import tiktoken
 
@@ -502,16 +508,166 @@ def exact_match(family, prediction, answer):
     return pred == ans
 
 
+
+# -----------------------------------------------------------------------------
+# a suite: what lukv.run_example and the experiments need of a set of tasks
+
+
+@dataclass
+class Item:
+    """One example as token ids: the context a query-agnostic method compresses, then the question."""
+    family: str
+    index: int
+    context: list  # token ids compressed before the question is seen
+    question: list  # token ids fed after it (the question, and any answer prefix)
+    references: list  # the strings a right answer holds
+    max_new: int  # answer tokens generated at most
+    kind: str = ""  # a finer label (qa's question kind), for the full-cache breakdown
+
+
+class Suite(Protocol):
+    """The interface of a task suite (TinySuite here; experiments/real.py's RulerSuite for real models)."""
+    families: list  # the family names items() accepts
+    stop_ids: set  # token ids that end an answer (excluded from it)
+
+    def items(self, family: str, n: int, length: int, seed: int) -> list:
+        """n Items of one family, contexts of about `length` tokens; the same arguments give the same items."""
+
+    def done(self, item: Item) -> Callable[[list], bool]:
+        """A rule that ends an answer early by its ids so far (a newline rule); lambda ids: False if none."""
+
+    def answer(self, ids: list) -> str:
+        """The text of an answer's ids, as score() reads it."""
+
+    def score(self, item: Item, answer: str) -> float:
+        """The answer's score in [0, 1]."""
+
+
+class TinySuite:
+    """This file's families for the shipped tiny model: answers end at the first newline, exact match."""
+
+    families = EVAL_FAMILIES + ["qa"]
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.stop_ids = {enc.encode_ordinary("\n")[0]}
+
+    def items(self, family, n, length, seed):
+        out = []
+        for i, ex in enumerate(example_set(family, n, length, seed)):
+            q, a = ex.qa[0]
+            out.append(Item(family, i, self.enc.encode_ordinary(ex.context), self.enc.encode_ordinary(q), [a],
+                            len(self.enc.encode_ordinary(a)) + 2, question_kind(q) if family == "qa" else ""))
+        return out
+
+    def done(self, item):
+        return lambda ids: False  # the newline is a stop token
+
+    def answer(self, ids):
+        return self.enc.decode(ids).split("\n")[0]  # a merged token may carry the newline inside it
+
+    def score(self, item, answer):
+        return float(exact_match(item.family, answer, item.references[0]))
+
+def interval(scores):
+    """(mean, low, high): a 95% interval of a mean of scores in [0, 1]; Wilson's for 0/1 scores."""
+    x = np.asarray(scores, float)
+    n = len(x)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(x.mean())
+    if np.isin(x, (0.0, 1.0)).all():  # Wilson: stays inside [0, 1] and is not zero-width at 0 or 1
+        z = 1.96
+        centre = (m + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(m * (1 - m) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return m, max(0.0, centre - half), min(1.0, centre + half)  # at 0 or 1 rounding could print -0.00
+    half = 1.96 * float(x.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return m, max(0.0, m - half), min(1.0, m + half)  # normal, clipped to the scores' range
+
+
+# -----------------------------------------------------------------------------
+# command lines: every argument checked before any work, a bad one refused in one line (exit code 2)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals are one line (`prog: error: what was expected`), exit code 2."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def is_shipped(path):
+    """Whether path is a file the repository ships (tracked by git), which no command overwrites unasked."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path) or not path.startswith(ROOT + os.sep):
+        return False
+    try:
+        return subprocess.run(["git", "ls-files", "--error-unmatch", os.path.relpath(path, ROOT)], cwd=ROOT,
+                              capture_output=True).returncode == 0
+    except OSError:  # no git: everything under checkpoints/ and results/ ships
+        return os.path.relpath(path, ROOT).split(os.sep)[0] in ("checkpoints", "results")
+
+
+def check_output(parser, path, suffix, overwrite=False):
+    """Refuse an output path before any work: wrong kind of file, a folder that does not exist or cannot be
+    written, or a file the repository ships (unless --overwrite names it)."""
+    if not path.endswith(suffix):
+        parser.error(f"{path}: expected a {suffix} file")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: a read-only folder fails here, not at the end
+    except OSError as e:
+        parser.error(f"cannot write into the folder of {path} ({e.strerror}); give another path")
+    if os.path.isdir(path):
+        parser.error(f"{path} is a folder; expected a {suffix} file")
+    if is_shipped(path) and not overwrite:
+        parser.error(f"{path} is a file the repository ships; pass --overwrite to replace it, or write elsewhere")
+
+
+def check_range(parser, name, value, low, high=None):
+    """Refuse an integer argument outside [low, high] with one line."""
+    if value < low or (high is not None and value > high):
+        parser.error(f"{name} must be {f'between {low} and {high}' if high is not None else f'at least {low}'}, "
+                     f"got {value}")
+
+
+def check_names(parser, flag, names, known):
+    """The comma list of a flag, each name one of `known`, else refused naming the known ones."""
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        parser.error(f"{flag}: unknown {bad or 'empty list'}; expected a comma list of {', '.join(known)}")
+    return names
+
+
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None):
+    """(parser, args), every argument checked before any work."""
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--show", choices=FAMILIES, help="print one example of this family")
-    parser.add_argument("--length", type=int, default=1024, help="context length in tokens (approximate)")
+    parser.add_argument("--length", type=int, default=1024, help="context length in tokens (approximate, >= 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-tokenizer", metavar="PATH", help="train the BPE and write its rank file here")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary incl. the 256 bytes")
-    args = parser.parse_args()
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary incl. the 256 bytes (>= 257)")
+    parser.add_argument("--overwrite", action="store_true", help="allow replacing the shipped tokenizer")
+    args = parser.parse_args(argv)
+    if not (args.show or args.train_tokenizer):
+        parser.error("say what to do: --show FAMILY or --train-tokenizer PATH")
+    check_range(parser, "--length", args.length, 64)
+    check_range(parser, "--vocab-size", args.vocab_size, 257)
+    if args.train_tokenizer:
+        check_output(parser, args.train_tokenizer, ".tiktoken", args.overwrite)
+    return parser, args
+
+
+if __name__ == "__main__":
+    parser, args = parse()
     if args.train_tokenizer:
         ranks = train_bpe(tokenizer_corpus(args.seed), args.vocab_size)
         save_ranks(ranks, args.train_tokenizer)

@@ -13,7 +13,6 @@ of (seed, s)). When `--max-steps` is reached the fp16 checkpoint `tiny.pt` is wr
 the seed that made it; a tiny.pt of another configuration there is never overwritten.
 """
 
-import argparse
 import math
 import os
 import random
@@ -137,8 +136,9 @@ def dev_accuracy(model, enc, n_tokens, n_per_family, device, seed=1234):
 
 # -----------------------------------------------------------------------------
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv=None):
+    """(parser, args), every argument checked before any work (the data, the model and the run folder)."""
+    parser = tasks.ArgumentParser(description=__doc__)
     # ---- output and chunking
     parser.add_argument("--out", default="runs/tiny", help="folder for tiny.pt, the resume file and the log "
                         "(the shipped checkpoints/ only when named)")
@@ -174,11 +174,46 @@ if __name__ == "__main__":
     parser.add_argument("--eval-every", type=int, default=500, help="steps between dev accuracy lines")
     parser.add_argument("--eval-tokens", type=int, default=1024)
     parser.add_argument("--eval-n", type=int, default=32, help="dev examples per family")
-    if "--smoke" in sys.argv:  # smoke sizes become the defaults; flags given explicitly still win
+    if "--smoke" in (sys.argv[1:] if argv is None else argv):  # smoke sizes become the defaults; flags given explicitly still win
         parser.set_defaults(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=1024, seq_lens="256",
                             tokens_per_step=2048, max_steps=60, warmup=10, log_every=10, eval_every=60,
                             eval_tokens=256, eval_n=2, workers=0)
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="allow --out to be the shipped checkpoints/")
+    args = parser.parse_args(argv)
+    for name, low in [("n_layer", 1), ("n_head", 1), ("n_kv_head", 1), ("n_embd", 1), ("block_size", 16),
+                      ("tokens_per_step", 1), ("max_steps", 1), ("warmup", 0), ("workers", 0), ("log_every", 1),
+                      ("eval_every", 1), ("eval_tokens", 64), ("eval_n", 1), ("save_every", 1)]:
+        tasks.check_range(parser, "--" + name.replace("_", "-"), getattr(args, name), low)
+    if args.chunk_steps is not None:
+        tasks.check_range(parser, "--chunk-steps", args.chunk_steps, 1)
+    if args.n_head % args.n_kv_head or args.n_embd % args.n_head:
+        parser.error(f"--n-kv-head {args.n_kv_head} must divide --n-head {args.n_head}, which must divide --n-embd "
+                     f"{args.n_embd}")
+    if not (args.lr > 0 and 0 <= args.min_lr_frac <= 1 and args.weight_decay >= 0 and args.grad_clip > 0
+            and args.answer_weight > 0 and args.time_limit > 0):
+        parser.error("expected --lr, --grad-clip, --answer-weight and --time-limit > 0, 0 <= --min-lr-frac <= 1 and "
+                     "--weight-decay >= 0")
+    try:
+        lens = [int(x) for x in args.seq_lens.split(",")]
+        mixture = parse_mixture(args.mixture) if args.mixture else MIXTURE
+    except ValueError as e:
+        parser.error(f"--seq-lens must be a comma list of integers and --mixture family=weight pairs ({e})")
+    if not all(64 <= n <= args.block_size for n in lens) or not all(w >= 0 for w in mixture.values()) \
+            or sum(mixture.values()) <= 0:
+        parser.error(f"--seq-lens must lie in [64, --block-size {args.block_size}] and --mixture weights be >= 0 "
+                     f"with a positive sum")
+    tasks.check_output(parser, os.path.join(args.out, "tiny.pt"), ".pt", args.overwrite)
+    if args.init_from and not os.path.isfile(args.init_from):
+        parser.error(f"--init-from {args.init_from}: no such checkpoint")
+    if os.path.exists(args.tokenizer) is False:
+        tasks.check_output(parser, args.tokenizer, ".tiktoken")
+    if args.compile and not torch.cuda.is_available():
+        parser.error("--compile compiles for CUDA, and there is no CUDA device here")
+    return parser, args
+
+
+def main(argv=None):
+    parser, args = parse(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
@@ -194,7 +229,7 @@ if __name__ == "__main__":
     if os.path.exists(ckpt_path):  # refuse now, not after the run: never replace a model of another shape
         old = torch.load(ckpt_path, map_location="cpu", weights_only=True)["config"]
         if old != cfg.__dict__:
-            sys.exit(f"{ckpt_path} holds a model of another configuration ({old}); this run builds {cfg.__dict__}. "
+            parser.error(f"{ckpt_path} holds a model of another configuration ({old}); this run builds {cfg.__dict__}. "
                      f"Give another --out (the default is runs/tiny) or move that file away")
     model = GPT(cfg).to(device)
     init_meta = None
@@ -202,7 +237,7 @@ if __name__ == "__main__":
         init, header = load_checkpoint(args.init_from)
         init_meta = header["meta"]
         if init.cfg != cfg:
-            sys.exit(f"--init-from {args.init_from} has config {init.cfg}, this run builds {cfg}")
+            parser.error(f"--init-from {args.init_from} has config {init.cfg}, this run builds {cfg}")
         model.load_state_dict(init.state_dict())
         print(f"initialised from {args.init_from} ({init_meta.get('command')})")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
@@ -213,7 +248,7 @@ if __name__ == "__main__":
     if os.path.exists(resume_path):
         state = torch.load(resume_path, map_location=device, weights_only=False)
         if state["args"]["seed"] != args.seed or state["config"] != cfg.__dict__:
-            sys.exit(f"{resume_path} belongs to another run (seed/config differ); move it away to start afresh")
+            parser.error(f"{resume_path} belongs to another run (seed/config differ); move it away to start afresh")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed = state["step"], state["elapsed"]
@@ -289,3 +324,7 @@ if __name__ == "__main__":
                     stopped=f"chunk ended at step {step} of {args.max_steps}; the schedule had not reached its end")
         save_checkpoint(os.path.join(args.out, "tiny_partial.pt"), model, args.tokenizer, meta)
         log(f"chunk done at step {step}/{args.max_steps}; run the same command again to continue")
+
+
+if __name__ == "__main__":
+    main()
