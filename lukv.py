@@ -337,9 +337,12 @@ def calibration_tables(model, ctx_ids, questions, scorers, cfg, stop_ids=(), tem
 
 
 def weights_key(model):
-    """The weights' dtype and device: both change the answers, so both name every saved record."""
+    """The weights' dtype and device: both change the answers, so both name every saved record (int8 for linear
+    layers quantized by torch's dynamic quantization)."""
     p = model.embed_tokens.weight
-    return f"{p.dtype}/{p.device.type}"
+    schemes = {str(m.weight().qscheme()).removeprefix("torch.") for m in model.modules()
+               if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}  # int8 layers, and how they are scaled
+    return f"{p.dtype}/{p.device.type}" + "".join(f"/int8 {s}" for s in sorted(schemes))
 
 
 @torch.no_grad()
@@ -348,7 +351,7 @@ def profile(model, model_id, contexts, scorers, cfg, cache_dir, stop_ids=(), tem
     """Average the per-(context, question) tables of every scorer: ({scorer: (99, L, H)}, counts).
 
     contexts: [(context ids, [question ids, ...])]. Each context's tables go to cache_dir under a key
-    of everything that made them (model, weights' dtype and device, tokens, settings, stop ids, seed),
+    of everything that made them (model, weights' dtype and device, tokens, settings, stop ids, sampling),
     so an interrupted run resumes and a changed one recomputes. Sampled answers (temperature > 0, the
     paper's 0.7) draw from a generator seeded by that key; answer_only as in oracle_importance."""
     os.makedirs(cache_dir, exist_ok=True)

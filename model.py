@@ -564,6 +564,7 @@ class GPT(nn.Module):
         """Each query head's slice of the output projection: (H, G, C, D), W_O[h] in the paper."""
         cfg = self.cfg
         w = self.layers[layer].self_attn.o_proj.weight  # (C, H*G*D)
+        w = w().dequantize() if callable(w) else w  # an int8 layer (torch's dynamic quantization) hands it out
         return w.view(cfg.n_embd, cfg.n_kv_head, cfg.group, cfg.head_dim).permute(1, 2, 0, 3)
 
     def new_cache(self, batch_size=1, slack=32, impl=None):

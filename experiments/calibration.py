@@ -25,7 +25,6 @@ of its questions, in its protocol's question format, fits `length`; the answer c
 import json
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from typing import Callable
 

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -51,14 +52,24 @@ INTASK_SEED = 7  # in-task profiles: neither a development (0, 1), an evaluation
 def load(name, dtype="float32", device="cpu", fmt=None):
     """(model, tokenizer, model id, suite) of "tiny" or a .pt checkpoint of this project (tasks.py's suite), or
     of a real model hf.py reads ("smollm2", a .gguf file, a Hugging Face folder; ruler.py's suite in fmt,
-    by default the chat template where the tokenizer has one)."""
+    by default the chat template where the tokenizer has one). dtype "int8": float32 weights whose linear
+    layers torch's dynamic quantization turns into int8, one scale per output row (a CPU option: a quarter
+    of the bytes per step, and other answers)."""
+    weights = torch.float32 if dtype == "int8" else getattr(torch, dtype)
     if name == "tiny" or name.endswith(".pt"):
         path = lukv.DEFAULT_CHECKPOINT if name == "tiny" else name
         model, enc, _ = lukv.load_tiny(path)
-        return model.to(device, getattr(torch, dtype)), enc, lukv.file_id(path), tasks.TinySuite(enc)
-    model, enc, model_id = hf.load_model(name, dtype=getattr(torch, dtype))
-    fmt = fmt or ("chat" if getattr(enc, "chat_template", None) else "plain")
-    return model.to(device), enc, model_id, ruler.RulerSuite(enc, fmt)
+        model, model_id, suite = model.to(device, weights), lukv.file_id(path), tasks.TinySuite(enc)
+    else:
+        model, enc, model_id = hf.load_model(name, dtype=weights)
+        model, suite = model.to(device), ruler.RulerSuite(enc, fmt or ("chat" if getattr(enc, "chat_template", None)
+                                                                         else "plain"))
+    if dtype == "int8":
+        with warnings.catch_warnings():  # torch marks its eager quantization as moving to torchao
+            warnings.simplefilter("ignore")
+            qconfig = torch.ao.quantization.per_channel_dynamic_qconfig  # a scale per output row: per-tensor
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear: qconfig}, dtype=torch.qint8)
+    return model, enc, model_id, suite
 
 
 def model_stem(name):
@@ -540,7 +551,8 @@ def make_parser():
     # ---- model and method
     parser.add_argument("--model", default="tiny", metavar="NAME|PATH",
                         help="tiny (the shipped checkpoint), smollm2, a .gguf file or a Hugging Face folder")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and KV cache")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="weights and KV "
+                        "cache; int8: float32 with int8 linear layers (CPU only)")
     parser.add_argument("--format", default=None, choices=ruler.FORMATS, help="real models' prompt format (default: "
                         "the chat template with the answer primed where the tokenizer has one: chosen on dev seed 0)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -613,6 +625,8 @@ def parse(argv=None):
                      f"or a Hugging Face folder; there is no such file or folder")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; run on the CPU (--device cpu)")
+    if args.device == "cuda" and args.dtype == "int8":
+        parser.error("--dtype int8 quantizes linear layers for the CPU; on CUDA use float32 or bfloat16")
     args.scorers = tasks.check_names(parser, "--scorers", args.scorers.split(",") if args.scorers else
                                     (SCORERS if tiny else ["expected_attention"]), SCORERS)
     args.allocators = tasks.check_names(parser, "--allocators", args.allocators.split(","), ALLOCATORS)
@@ -750,8 +764,14 @@ def main(argv=None):
         paths = args.table.split(",") if args.table else [
             table_path(args.model, s, kind) for s in args.scorers for kind in wanted if kind != "intask"] + [
             table_path(args.model, s, f"intask_{f}") for s in args.scorers for f in args.families if "intask" in wanted]
+        paths = [p for p in paths if args.table or os.path.exists(p)]
         try:
-            tables = load_tables([p for p in paths if args.table or os.path.exists(p)], model_id, shape, cfg)
+            for path in [] if args.table else paths:  # a default table is the --protocol's (a --table is the user's)
+                made = solver.read_sidecar(path).get("protocol")  # (the tiny model's tables name none)
+                if made not in (None, args.protocol):
+                    parser.error(f"the table {path} was profiled with protocol {made!r}, not {args.protocol!r}: "
+                                 f"pass --protocol {made}, or a table of this protocol with --table")
+            tables = load_tables(paths, model_id, shape, cfg)
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
         foreign = [k for k in tables if k.split("|")[1] not in args.scorers]

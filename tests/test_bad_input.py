@@ -252,6 +252,13 @@ def test_an_allocator_that_reads_no_table_loads_none_and_another_scorers_table_i
     ev(["--eval", "--scorers", "keydiff", "--table", SHIPPED_TABLE], "belong to scorers not in --scorers", tmp_path)
 
 
+def test_a_default_table_of_another_protocol_is_refused_by_name(tmp_path):
+    """With --protocol paper, the shipped tables (this project's documents protocol) are refused by name, not
+    evaluated as if they were the paper's; a table the user names with --table is taken as given."""
+    ev(["--eval", "--model", "smollm2", "--protocol", "paper", "--scorers", "keydiff", "--allocators", "lukv"],
+       "profiled with protocol 'documents', not 'paper'", tmp_path)
+
+
 def test_a_torn_last_line_is_dropped_and_the_next_record_kept(tmp_path):
     """A record cut mid-line by a kill is skipped on reading, and the record appended after it lands on its
     own line (not glued to the cut one)."""

@@ -161,6 +161,21 @@ def test_several_tables_of_one_scorer_are_one_row_each_with_their_own_window(shi
     assert "lukv:B" in evaluate.format_table(res)
 
 
+def test_int8_weights_are_an_option_whose_records_never_mix_with_float32s(tmp_path):
+    """--dtype int8 (the CPU speed option) quantizes every linear layer to int8, names its records apart from
+    float32's (a resumed float32 run never reads them), and still gives the oracle its output projections."""
+    model32, enc, model_id, suite = evaluate.load("tiny")
+    model8 = evaluate.load("tiny", "int8")[0]
+    assert lukv.weights_key(model8) == "torch.float32/cpu/int8 per_channel_affine" != lukv.weights_key(model32)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model8.modules())
+    assert torch.allclose(model8.o_proj_heads(0), model32.o_proj_heads(0), atol=0.02)
+    args = ([0.8], [("keydiff", "uniform")], 256, 5, LUKVConfig(), {})
+    assert evaluate.run_key(model8, suite, model_id, *args) != evaluate.run_key(model32, suite, model_id, *args)
+    rec = lukv.run_example(model8, suite, suite.items("niah_single", 1, 256, 5)[0],
+                           [lukv.Method("keydiff", "uniform", 0.8)], LUKVConfig())
+    assert 0 <= rec["full"] <= 1 and "keydiff|uniform|0.8" in rec["methods"]
+
+
 def test_intervals_known_answers():
     """Wilson's interval for 8 of 10 is [0.490, 0.943]; for 10 of 10 it is [0.722, 1.0] (not zero width);
     a paired difference of identical scores is exactly zero."""
