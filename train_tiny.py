@@ -205,7 +205,7 @@ def parse(argv=None):
     tasks.check_output(parser, os.path.join(args.out, "tiny.pt"), ".pt", args.overwrite)
     if args.init_from and not os.path.isfile(args.init_from):
         parser.error(f"--init-from {args.init_from}: no such checkpoint")
-    if os.path.exists(args.tokenizer) is False:
+    if not os.path.exists(args.tokenizer):  # made by the run: it must be writable
         tasks.check_output(parser, args.tokenizer, ".tiktoken")
     if args.compile and not torch.cuda.is_available():
         parser.error("--compile compiles for CUDA, and there is no CUDA device here")
