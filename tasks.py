@@ -508,7 +508,6 @@ def exact_match(family, prediction, answer):
     return pred == ans
 
 
-
 # -----------------------------------------------------------------------------
 # a suite: what lukv.run_example and the experiments need of a set of tasks
 
@@ -526,7 +525,7 @@ class Item:
 
 
 class Suite(Protocol):
-    """The interface of a task suite (TinySuite here; experiments/real.py's RulerSuite for real models)."""
+    """The interface of a task suite (TinySuite here; experiments/ruler.py's RulerSuite for real models)."""
     families: list  # the family names items() accepts
     stop_ids: set  # token ids that end an answer (excluded from it)
 
@@ -569,6 +568,7 @@ class TinySuite:
     def score(self, item, answer):
         return float(exact_match(item.family, answer, item.references[0]))
 
+
 def interval(scores):
     """(mean, low, high): a 95% interval of a mean of scores in [0, 1]; Wilson's for 0/1 scores."""
     x = np.asarray(scores, float)
@@ -592,10 +592,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose refusals are one line (`prog: error: what was expected`), exit code 2."""
+    """argparse's parser, whose refusals are one line (`prog: error: what was expected`), exit code 2, and which
+    takes flags by their full names only (--smo is refused, not read as a --smoke that no code then sees)."""
 
     def __init__(self, **kwargs):
-        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        super().__init__(formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")

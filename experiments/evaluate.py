@@ -355,6 +355,11 @@ def calibration_ids(enc, contexts, protocol):
                                                    for q in questions]) for context, questions in contexts]
 
 
+def scorer_outputs(out, scorers):
+    """{scorer: the path its table is written to}: out itself for one scorer, else out_<scorer>.npy beside it."""
+    return {s: out if len(scorers) == 1 else out[: -len(".npy")] + f"_{s}.npy" for s in scorers}
+
+
 def profile_and_save(model, model_id, contexts, scorers, cfg, out, stop_ids, temperature=0.0, answer_only=False,
                      kind="", **extra):
     """Profile the contexts and write one table (+ sidecar, its kvpress line included) per scorer: {scorer: path}."""
@@ -362,16 +367,15 @@ def profile_and_save(model, model_id, contexts, scorers, cfg, out, stop_ids, tem
     print(f"profiling {len(contexts)} contexts; per-context results in {cache_dir}/ (the same command resumes)")
     tables, counts = lukv.profile(model, model_id, contexts, scorers, cfg, cache_dir, stop_ids, temperature,
                                   answer_only)
-    paths = {}
+    paths = scorer_outputs(out, scorers)
     for s, table in tables.items():
-        path = out if len(scorers) == 1 else out[: -len(".npy")] + f"_{s}.npy"
+        path = paths[s]
         meta = lukv.profile_meta(s, model_id, cfg, kind=kind, weights=lukv.weights_key(model), temperature=temperature,
                                  answer_only=answer_only, **counts, **extra)
         solver.save_table(path, table, meta)
         meta["kvpress"] = peers.kvpress_usage(s, path, cfg)  # the line that hands this table to kvpress
         solver.save_table(path, table, meta)
         print(f"wrote {path} {table.shape} and {solver.sidecar(path)}")
-        paths[s] = path
     return paths
 
 
@@ -578,14 +582,16 @@ def make_parser():
     parser.add_argument("--calib-questions", type=int, default=None, help="questions per context (default: the "
                         "protocol's)")
     parser.add_argument("--calib-seed", type=int, default=0, help="calibration seed (calibration-N)")
-    parser.add_argument("--length", type=int, default=1024, help="prompt tokens")
+    parser.add_argument("--length", type=int, default=None, help="prompt tokens (default 1024)")
     parser.add_argument("--families", default=None, help="comma list (default: every family of the model's suite)")
     parser.add_argument("--n", type=int, default=None, help="examples per family (default: 10 tiny, 25 real)")
     parser.add_argument("--ratios", default="0.5,0.8,0.9")
     parser.add_argument("--settings", default="agnostic", help="comma list of " + ",".join(SETTINGS))
-    parser.add_argument("--seed", type=int, default=2, help="evaluation seed (0, 1: development; 2, 3: tables)")
+    parser.add_argument("--seed", type=int, default=None, help="evaluation seed (default 2; 0, 1: development; 2, 3: "
+                        "tables)")
     # ---- output
-    parser.add_argument("--json", default="runs/eval.json", help="--eval, --full-cache, --knockout: the result")
+    parser.add_argument("--json", default=None, help="--eval, --full-cache, --knockout: the result (default "
+                        "runs/eval.json); --from: the assembled result")
     parser.add_argument("--out", default=None, metavar="TABLE.npy", help="--profile, --intask, --taskloss: the "
                         "table to write (several scorers: TABLE_<scorer>.npy; default runs/<model>_<scorer>.npy)")
     parser.add_argument("--plot", default=None, metavar="FILE.png", help="--eval or --from: accuracy vs compression")
@@ -600,6 +606,10 @@ def parse(argv=None):
     """The parsed arguments, every one checked before any work; a bad one exits with code 2 and one line."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    args.given = {k for k in ("json", "length", "seed", "families") if getattr(args, k) is not None}  # not defaults
+    args.json = "runs/eval.json" if args.json is None else args.json
+    args.length = 1024 if args.length is None else args.length
+    args.seed = 2 if args.seed is None else args.seed
     actions = [a for a in ("eval", "full_cache", "demo", "profile", "intask", "knockout", "taskloss") if getattr(args, a)]
     if not actions and not args.from_json:
         parser.error("say what to do: --eval, --full-cache, --demo, --profile, --intask, --knockout, --taskloss "
@@ -664,11 +674,15 @@ def parse(argv=None):
     args.n = args.n or (10 if tiny else 25)
     args.out = args.out or os.path.join("runs", f"{model_stem(args.model)}_" +
                                         (args.scorers[0] if len(args.scorers) == 1 else "profile") + ".npy")
-    if args.profile or args.intask or args.taskloss:
-        outs = [args.out] if len(args.scorers) == 1 else [args.out[:-4] + f"_{s}.npy" for s in args.scorers]
-        for out in outs:
-            tasks.check_output(parser, out, ".npy", args.overwrite)
-    if args.eval or args.full_cache or args.knockout or (args.from_json and "--json" in (argv or sys.argv)):
+    if args.profile and args.taskloss:
+        parser.error("--profile and --taskloss both write --out: give one per run, each with its own --out")
+    if (args.profile or args.intask or args.taskloss) and not args.out.endswith(".npy"):
+        parser.error(f"--out {args.out}: expected a .npy file (several scorers: TABLE_<scorer>.npy beside it)")
+    bases = ([args.out] if args.profile or args.taskloss else []) + \
+        ([args.out[:-4] + f"_intask_{f}.npy" for f in args.families] if args.intask else [])
+    for path in (p for base in bases for p in scorer_outputs(base, args.scorers).values()):  # what the run writes
+        tasks.check_output(parser, path, ".npy", args.overwrite)
+    if args.eval or args.full_cache or args.knockout or (args.from_json and "json" in args.given):
         tasks.check_output(parser, args.json, ".json", args.overwrite)
     if args.plot:
         tasks.check_output(parser, args.plot, ".png", args.overwrite)
@@ -700,14 +714,14 @@ def main(argv=None):
     parser, args = parse(argv)
     if args.from_json:
         try:
-            given = {k: getattr(args, k) for k in ("length", "seed") if f"--{k}" in (argv or sys.argv)}
+            given = {k: getattr(args, k) for k in ("length", "seed") if k in args.given}
             results = read_results(args.from_json, **given)
             table = solver.read_npy(args.table, "table", "give a .npy table") if args.table else None
         except ValueError as e:
             parser.error(str(e))
         for result in results:
             print(format_table(result, args.reference) if result["ratios"] else full_cache_table(result))
-        if "--json" in (argv or sys.argv) and len(results) == 1:  # the assembled result, as one file
+        if "json" in args.given and len(results) == 1:  # the assembled result, as one file
             solver.write_atomic(args.json, lambda f: f.write(json.dumps(results[0], indent=1).encode()))
             print(f"wrote {args.json}")
         if args.plot:
@@ -783,8 +797,7 @@ def main(argv=None):
                          length=args.length)
     if args.taskloss:
         contexts, source = calibration_contexts()
-        for s in args.scorers:
-            path = args.out if len(args.scorers) == 1 else args.out[:-4] + f"_{s}.npy"
+        for s, path in scorer_outputs(args.out, args.scorers).items():
             table = build_taskloss_profile(model, contexts, s, cfg, suite.stop_ids)
             solver.save_table(path, table, lukv.profile_meta(s, model_id, cfg, kind="taskloss", calibration=source,
                               utility=f"task loss (ours): calibration answer NLL with one head cut, grid {TASKLOSS_GRID}"))
@@ -807,7 +820,7 @@ def main(argv=None):
         solver.write_atomic(args.json, lambda f: f.write(json.dumps({"knockout": acc.tolist(), "families": args.families,
                                                                    "full": full, "n": args.n}).encode()))
     if args.eval or args.full_cache or args.demo:
-        demo_families = args.families if "--families" in (argv or sys.argv) else \
+        demo_families = args.families if "families" in args.given else \
             [f for f in args.families if f.startswith("niah")]  # the four SmolLM2 gets at least half right
         families, n = (demo_families, 2) if args.demo else (args.families, args.n)
         ratios, use = ([0.8], [(args.scorers[0], a) for a in ("uniform", "pyramid", "adakv", "lukv")]) if args.demo \

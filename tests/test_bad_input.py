@@ -181,6 +181,16 @@ def test_no_table_is_written_over_a_shipped_one():
     assert lukv.parse(["--profile", "--out-dir", "checkpoints", "--scorers", "snapkv", "--overwrite"])[1].overwrite
 
 
+def test_the_paths_a_run_writes_are_the_paths_it_checks(tmp_path):
+    """--intask checks the table of each family and scorer it will write (here one is a folder), --profile and
+    --taskloss are refused together (both write --out), and a flag is read by its full name only."""
+    os.makedirs(tmp_path / "p_intask_niah_single_keydiff.npy")
+    ev(["--intask", "--scorers", "snapkv,keydiff", "--families", "niah_single", "--out", "p.npy"], "is a folder",
+       tmp_path)
+    ev(["--profile", "--taskloss", "--scorers", "snapkv"], "both write --out", tmp_path)
+    assert_refused(train_tiny.main, ["--smo"], "unrecognized arguments: --smo", tmp_path)
+
+
 # -----------------------------------------------------------------------------
 # late crashes and raw errors
 

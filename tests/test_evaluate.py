@@ -247,6 +247,8 @@ def test_a_saved_result_prints_its_table_again(tmp_path):
     run = command("--from", path)
     assert run.returncode == 0, run.stderr[-500:]
     assert run.stdout.rstrip("\n") == evaluate.format_table(json.load(open(path)))
+    run = command("--from", path, f"--json={tmp_path / 'again.json'}")  # the --flag=value spelling too
+    assert run.returncode == 0 and json.load(open(tmp_path / "again.json")) == json.load(open(path)), run.stderr[-500:]
     (tmp_path / "x.json").write_text('{"knockout": []}')
     run = command("--from", tmp_path / "x.json")
     assert run.returncode == 2 and "is not a result" in run.stderr and "Traceback" not in run.stderr
