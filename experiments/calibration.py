@@ -10,7 +10,8 @@ plus the model's own answer. Three protocols, each a maker and fixed settings in
              (one Chinese story, 30 open questions), with our own text
   mixed      our own design: contexts that mix recipes, letters, dialogues, how-to guides, news,
              price lists, diaries and short tales, asked for details, counts, orders, comparisons
-  documents  the project's current protocol, real.qa_calibration_contexts's text exactly
+  documents  the project's default: short documents about people, a question on each; the
+             calibration of the shipped SmolLM2 tables, token for token
 None of them uses an evaluation family's shape (needles, variable chains, word lists, RULER's qa),
 and the story and mixed texts share no name or town with tasks.py's pools. A user's own file (the
 official novel.jsonl included) is read with read_calibration_file.
@@ -28,10 +29,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
+import solver
 import tasks
 from experiments import ruler  # person_document: the documents protocol's texts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN_QUESTION = "\n\nQuestion: {q}\nAnswer:"  # the paper's and mixed's question and answer cue
 
 
@@ -570,11 +571,12 @@ def mixed(seed, length, tokenizer, n_contexts=8, n_questions=4):
 
 
 # -----------------------------------------------------------------------------
-# documents: the project's current protocol (real.qa_calibration_contexts), as text
+# documents: the project's default protocol, the calibration of the shipped SmolLM2 tables
 
 
 def documents(seed, length, tokenizer, n_contexts=8, n_questions=8):
-    """real.qa_calibration_contexts's contexts and questions as text: the same seeds, documents and rule line."""
+    """Documents about people (ruler.person_document) under a rule line, n_questions of their questions (one drawn
+    per document): the calibration of the shipped SmolLM2 tables, token for token (tests/test_calibration.py)."""
     contexts, answers = [], []
     for c in range(n_contexts):
         rng = random.Random(f"calibration-{seed}/{c}")
@@ -587,7 +589,7 @@ def documents(seed, length, tokenizer, n_contexts=8, n_questions=8):
             if n_tokens > length - 40:
                 break
             docs.append(doc)
-            questions.append(rng.choice(qs))  # (question, answer); real.py keeps the question
+            questions.append(rng.choice(qs))  # (question, answer): the oracle reads the question
         picked = rng.sample(questions, min(n_questions, len(questions)))
         rule = "Answer the question based on the given documents. Only give me the answer."
         contexts.append((f"{rule}\n\nThe following are given documents.\n\n" + "".join(docs), [q for q, _ in picked]))
@@ -729,15 +731,15 @@ def read_calibration_file(path):
 
 
 def write_calibration_file(path, calibration):
-    """Write a Calibration as JSONL, atomically (a .tmp file, then os.replace)."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for i, (context, questions) in enumerate(calibration.contexts):
-            obj = {"context": context, "questions": list(questions)}
-            for key in ("answers", "kinds"):
-                if getattr(calibration, key) and getattr(calibration, key)[i] is not None:
-                    obj[key] = list(getattr(calibration, key)[i])
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    os.replace(path + ".tmp", path)
+    """Write a Calibration as JSONL, atomically (solver.write_atomic)."""
+    lines = []
+    for i, (context, questions) in enumerate(calibration.contexts):
+        obj = {"context": context, "questions": list(questions)}
+        for key in ("answers", "kinds"):
+            if getattr(calibration, key) and getattr(calibration, key)[i] is not None:
+                obj[key] = list(getattr(calibration, key)[i])
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    solver.write_atomic(path, lambda f: f.write("".join(lines).encode("utf-8")))
 
 
 # -----------------------------------------------------------------------------
@@ -751,7 +753,7 @@ def parse(argv=None):
     parser.add_argument("--protocol", default="paper", choices=list(PROTOCOLS))
     parser.add_argument("--length", type=int, default=4096, help=f"tokens of a context plus one question (>= {MIN_LENGTH})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", default=os.path.join(ROOT, "checkpoints", "tiny.tiktoken"),
+    parser.add_argument("--tokenizer", default=os.path.join(tasks.ROOT, "checkpoints", "tiny.tiktoken"),
                         help="a tiktoken rank file (default: the shipped tiny tokenizer)")
     parser.add_argument("--show", action="store_true", help="print every context, its questions and answers")
     parser.add_argument("--out", default=None, metavar="FILE.jsonl", help="write it as read_calibration_file reads")

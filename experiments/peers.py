@@ -35,13 +35,8 @@ def profile_settings(scorer, path, cfg):
         meta = solver.read_sidecar(path)
         if scorer == "snapkv":
             meta.setdefault("snap_pool", "max")  # profiles from before snap_pool existed were max-pooled
-    want = {"scorer": scorer, "sink": cfg.sink, "window": cfg.window, "snap_window": cfg.snap_window,
-            "snap_kernel": cfg.snap_kernel, "snap_pool": cfg.snap_pool, "ea_epsilon": cfg.ea_epsilon,
-            "ea_future": cfg.ea_future}
-    # only a scorer's own options belong to its profile
-    drop = (["snap_window", "snap_kernel", "snap_pool"] if scorer != "snapkv" else []) + \
-        (["ea_epsilon", "ea_future"] if scorer != "expected_attention" else [])
-    want = {k: v for k, v in want.items() if k not in drop}
+    want = {"scorer": scorer, "sink": cfg.sink, "window": cfg.window,
+            **{k: getattr(cfg, k) for k in lukv.SCORER_CHECKS.get(scorer, [])}}  # only a scorer's own options
     differ = {k: (meta[k], v) for k, v in want.items() if k in meta and meta[k] != v}
     if differ:
         raise ValueError(f"profile {path} was made with {', '.join(f'{k} {m!r}' for k, (m, _) in differ.items())}, "
@@ -99,10 +94,7 @@ def lukv_press(table_path, scorer_press, sink=4, window=1, compression_ratio=0.0
     from kvpress import LUKVPress
 
     table = solver.read_npy(table_path, "profile table", "restore it or profile again")
-    if table.ndim != 3 or table.shape[0] != 99 or not np.isfinite(table).all() or \
-            not ((table >= 0) & (table <= 1)).all():
-        raise ValueError(f"{table_path}: expected prune ratios in [0, 1] of shape (99, n_layer, n_kv_head), "
-                         f"got shape {table.shape}")
+    solver.check_table(table, table_path)
     if os.path.exists(solver.sidecar(table_path)):
         meta = solver.read_sidecar(table_path)
         press_name = type(scorer_press).__name__

@@ -59,7 +59,7 @@ def test_contexts_fit_length(name, length, tiny):
 
 
 def test_documents_fit_length(tiny):
-    """documents() keeps real.py's bound: the documents stop 40 tokens short of the length."""
+    """documents() stops 40 tokens short of the length, so a question fits beside them."""
     for context, questions in cal.documents(0, 1024, tiny).contexts:
         assert cal.count_tokens(tiny, context) <= 1024 and len(questions) == 8
 

@@ -235,7 +235,7 @@ def test_compress_takes_scores_on_either_device(runs):
 
 
 # -----------------------------------------------------------------------------
-# the real-model paths (real.py): a small random-weight Llama folder, profiled and evaluated on both devices
+# the real-model paths (experiments/evaluate.py): a small random-weight Llama folder, profiled and evaluated on both devices
 
 
 @pytest.fixture(scope="module")
