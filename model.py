@@ -169,45 +169,39 @@ def attention_probs(q, k, mask):
 class KVCache:
     """A KV cache in which every (layer, batch row, KV head) keeps its own number of tokens.
 
-    Verbs: prefill (a prompt), append (new tokens: a decode step, or a chunk such as a question),
-    keep (evict given slots), evict (evict by score), attend; copies: clone, repeat; inspection:
-    keys, kept_mask, nbytes. kernels.py computes, the verbs install its results. impl picks who runs
-    evict / attend / append: "v1" PyTorch (any device; the default on the CPU), "v2" torch.compile,
-    "v3" Triton (the default on CUDA; the CPU under TRITON_INTERPRET=1); kernels.py says what each is.
+    Verbs: prefill (a prompt), append (new tokens: a decode step or a chunk such as a question), keep
+    (evict given slots), evict (evict by score), attend; repeat / clone copy it; keys, kept_mask and
+    nbytes inspect it. kernels.py computes, the verbs install its results. impl picks who runs evict,
+    attend and append: "v1" PyTorch (any device; the default on the CPU), "v2" torch.compile, "v3"
+    Triton (the default on CUDA; the CPU under TRITON_INTERPRET=1); kernels.py says what each is.
 
     `seen` counts the tokens fed so far (the position of the next one). A forward pass writes layers
     0 .. L-1 in order and only the last layer advances it, so every layer of one pass reads the same
     value: 0 means the pass is the prompt (Attention prefills), more means new tokens (append, attend).
     """
 
-    IMPLS = ("v1", "v2", "v3")
-
     def __init__(self, n_layer, n_kv_head, head_dim, batch_size=1, device="cpu", dtype=torch.float32, slack=32,
                  impl=None):
         self.n_layer, self.n_kv_head, self.head_dim, self.B = n_layer, n_kv_head, head_dim, batch_size
         self.device, self.dtype = torch.device(device), dtype
         self.slack = slack  # spare rows per head after prefill / keep / evict / re-pack
-        if impl is None:
-            impl = "v3" if self.device.type == "cuda" and kernels.HAVE_TRITON else "v1"
-        if impl not in self.IMPLS:
-            raise ValueError(f"impl must be one of {list(self.IMPLS)} (v1 PyTorch reference, v2 torch.compile, "
-                             f"v3 Triton) or None (v3 on CUDA with Triton, else v1); got {impl!r}")
-        self.impl = impl
+        self.impl = impl or ("v3" if self.device.type == "cuda" and kernels.HAVE_TRITON else "v1")
+        if self.impl not in ("v1", "v2", "v3"):
+            raise ValueError(f"impl must be one of ['v1', 'v2', 'v3'] (PyTorch, torch.compile, Triton) or None (v3 "
+                             f"on CUDA with Triton, else v1); got {impl!r}")
         # Memory layout, one set per layer l (the rows of all heads packed back to back, no padding):
         #   k[l], v[l]   (N_l, D)  head (b, h) owns rows start[l, b, h] ... start + capacity - 1; the first
         #                          length[l, b, h] of them are its tokens in ascending token order, the rest
         #                          are spare rows for appends
-        #   pos[l]       (N_l,)    int64 original token position of every row (-1 on spare rows), so one can
-        #                          always ask which tokens a head still holds
+        #   pos[l]       (N_l,)    int64 original token position of every row (-1 on spare rows)
         #   start, length, capacity   (L, B, H) int64; N_l = the sum of layer l's capacities
         # keep and evict allocate new, smaller storage holding only the kept rows, so evicting really frees
         # memory (masking would not); append writes in place and re-packs only when spare rows run out.
         L, B, H = n_layer, batch_size, n_kv_head
         self.k, self.v, self.pos = [None] * L, [None] * L, [None] * L
-        self.start = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
-        self.length = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
-        self.capacity = torch.zeros(L, B, H, dtype=torch.long, device=self.device)
-        self.seen = 0  # tokens fed so far = the position of the next token (the protocol above)
+        self.start, self.length, self.capacity = (torch.zeros(L, B, H, dtype=torch.long, device=self.device)
+                                                  for _ in range(3))
+        self.seen = 0
 
     # -- storage
 
@@ -240,13 +234,26 @@ class KVCache:
         heads = torch.arange(capacity.numel(), device=self.device)
         return torch.repeat_interleave(heads, capacity.flatten(), output_size=n_rows)
 
+    def _same_length(self, layer, verb):
+        """T when every head of the layer holds the same T rows (after prefill, also after repeat), else refused."""
+        n = self.length[layer]
+        if not bool((n == n.flatten()[0]).all()):
+            raise ValueError(f"{verb} needs every head of layer {layer} to hold the same number of rows (as after "
+                             f"prefill); got lengths {n.tolist()}: call it before evicting, or use keep()")
+        return int(n.flatten()[0])
+
+    def _check(self, verb, k, v):
+        """New keys and values must be (B, H, T >= 1, D), in this cache's B, H and D."""
+        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (self.B, self.n_kv_head, self.head_dim) or \
+                k.shape[2] < 1 or v.shape != k.shape:
+            raise ValueError(f"{verb} expects k, v (B={self.B}, H={self.n_kv_head}, T >= 1, D={self.head_dim}), "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+
     # -- the verbs
 
     def prefill(self, layer, k, v):
         """Store a prompt's keys and values, k and v (B, H, T, D), for one layer."""
-        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (self.B, self.n_kv_head, self.head_dim):
-            raise ValueError(f"prefill expects k, v (B={self.B}, H={self.n_kv_head}, T, D={self.head_dim}), "
-                             f"got {tuple(k.shape)}")
+        self._check("prefill", k, v)
         B, H, T, D = k.shape
         self._allocate(layer, torch.full((B, H), T + self.slack, dtype=torch.long, device=self.device))
         slots = torch.arange(T, device=self.device).expand(B, H, T)  # (B, H, T)
@@ -259,10 +266,7 @@ class KVCache:
     def append(self, layer, k, v):
         """Write T >= 1 new tokens, k and v (B, H, T, D), after every head's rows (positions seen ..), in place;
         a layer whose heads lack T spare rows is re-packed once first, with T + slack spare rows per head."""
-        if k.dim() != 4 or (k.shape[0], k.shape[1], k.shape[3]) != (self.B, self.n_kv_head, self.head_dim) or \
-                k.shape[2] < 1:
-            raise ValueError(f"append expects k, v (B={self.B}, H={self.n_kv_head}, T >= 1, D={self.head_dim}), "
-                             f"got {tuple(k.shape)}")
+        self._check("append", k, v)
         B, H, T, D = k.shape
         length = self.length[layer]  # (B, H), a view: append_ grows it in place
         if bool((length + T > self.capacity[layer]).any()):  # amortised: not every step
@@ -296,14 +300,10 @@ class KVCache:
         self._move(layer, ordered.masked_fill(~valid, 0), counts, self.slack)
 
     def evict(self, layer, scores, counts, sink=0, window=0):
-        """Evict by score when every head holds the same T rows (after prefill, also after repeat): head (b, h)
-        keeps its counts[b, h] best rows by scores (B, H, T), always the first `sink` and last `window`, ties
-        to the later row. kernels.evict selects and compacts them into fresh storage, which becomes the layer's."""
-        n = self.length[layer]
-        if not bool((n == n.flatten()[0]).all()):
-            raise ValueError(f"evict needs every head of layer {layer} to hold the same number of rows (as after "
-                             f"prefill); got lengths {n.tolist()}: use keep() with explicit slots instead")
-        T = int(n.flatten()[0])
+        """Evict by score when every head holds the same T rows: head (b, h) keeps its counts[b, h] best rows by
+        scores (B, H, T), always the first `sink` and last `window`, ties to the later row. kernels.evict
+        selects and compacts them into fresh storage, which becomes the layer's."""
+        T = self._same_length(layer, "evict")
         rows = self._rows(layer, torch.arange(T, device=self.device))  # (B, H, T)
         k, v, held = self.k[layer][rows], self.v[layer][rows], self.pos[layer][rows]  # (B, H, T[, D]) contiguous
         packed = kernels.evict(k, v, scores.to(self.device).contiguous(), counts, sink, window, self.slack,
@@ -326,38 +326,31 @@ class KVCache:
         out, probs = kernels.attend_rows(q, *rows, return_probs=need_probs)
         return out.to(dtype), probs
 
-    # -- copies: a new cache through the constructor, its fields filled
+    # -- copies, through the constructor
 
-    def _copy(self, batch_size, k, v, pos, start, length, capacity):
-        other = KVCache(self.n_layer, self.n_kv_head, self.head_dim, batch_size, self.device, self.dtype, self.slack,
+    def repeat(self, n):
+        """A cache of n * B rows in which row i * B + b is a copy of row b (compress each row its own way,
+        then decode all of them as one batch); repeat(1) is an independent copy."""
+        other = KVCache(self.n_layer, self.n_kv_head, self.head_dim, n * self.B, self.device, self.dtype, self.slack,
                         self.impl)
-        other.k, other.v, other.pos, other.seen = k, v, pos, self.seen
-        other.start, other.length, other.capacity = start, length, capacity
+        other.k, other.v, other.pos = ([None if t is None else torch.cat([t] * n) for t in ts]
+                                       for ts in (self.k, self.v, self.pos))
+        rows = torch.tensor([0 if t is None else t.shape[0] for t in self.k], device=self.device)  # (L,) N_l
+        copy = torch.arange(n, device=self.device).repeat_interleave(self.B)  # (n * B,) the copy a row is in
+        other.start = self.start.repeat(1, n, 1) + copy[None, :, None] * rows[:, None, None]  # (L, n * B, H)
+        other.length, other.capacity, other.seen = self.length.repeat(1, n, 1), self.capacity.repeat(1, n, 1), self.seen
         return other
 
     def clone(self):
         """An independent copy (the evaluation compresses one prefilled cache many ways)."""
-        k, v, pos = ([None if t is None else t.clone() for t in ts] for ts in (self.k, self.v, self.pos))
-        return self._copy(self.B, k, v, pos, self.start.clone(), self.length.clone(), self.capacity.clone())
-
-    def repeat(self, n):
-        """A cache of n * B rows in which row i * B + b is a copy of row b (compress each row its own way,
-        then decode all of them as one batch)."""
-        k, v, pos = ([None if t is None else torch.cat([t] * n) for t in ts] for ts in (self.k, self.v, self.pos))
-        rows = torch.tensor([0 if t is None else t.shape[0] for t in self.k], device=self.device)  # (L,) N_l
-        copy = torch.arange(n, device=self.device).repeat_interleave(self.B)  # (n * B,) the copy a row is in
-        start = self.start.repeat(1, n, 1) + copy[None, :, None] * rows[:, None, None]  # (L, n * B, H)
-        return self._copy(n * self.B, k, v, pos, start, self.length.repeat(1, n, 1), self.capacity.repeat(1, n, 1))
+        return self.repeat(1)
 
     # -- inspection
 
     def keys(self, layer, b=0):
-        """Keys of every head of batch row b, (H, T, D), when all of them hold the same T rows (before evicting)."""
-        n = self.length[layer, b]
-        if not bool((n == n[0]).all()):
-            raise ValueError(f"keys() needs every head to hold the same number of rows (call it before evicting); "
-                             f"layer {layer}, row {b} holds {n.tolist()}")
-        return self.k[layer][self._rows(layer, torch.arange(int(n[0]), device=self.device))[b]]
+        """Keys of every head of batch row b, (H, T, D), while all heads hold the same T rows (before evicting)."""
+        T = self._same_length(layer, "keys()")
+        return self.k[layer][self._rows(layer, torch.arange(T, device=self.device))[b]]
 
     def kept_mask(self, layer, T):
         """(B, H, T) bool: True where head (b, h) of the layer still holds original position t (t < T)."""

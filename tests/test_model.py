@@ -346,11 +346,13 @@ def test_cache_refuses_unknown_impl_and_wrong_shapes():
     with pytest.raises(ValueError, match=r"\['v1', 'v2', 'v3'\]"):
         KVCache(n_layer=1, n_kv_head=2, head_dim=4, impl="reference")
     cache = KVCache(n_layer=1, n_kv_head=2, head_dim=4)
-    with pytest.raises(ValueError, match=r"expects k, v \(B=1, H=2, T, D=4\)"):
+    with pytest.raises(ValueError, match=r"prefill expects k, v \(B=1, H=2, T >= 1, D=4\)"):
         cache.prefill(0, torch.randn(1, 3, 5, 4), torch.randn(1, 3, 5, 4))
     cache.prefill(0, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
-    with pytest.raises(ValueError, match="T >= 1"):
+    with pytest.raises(ValueError, match="append expects"):
         cache.append(0, torch.randn(1, 2, 4), torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match="append expects"):  # v must match k
+        cache.append(0, torch.randn(1, 2, 1, 4), torch.randn(1, 2, 2, 4))
     cache.keep(0, torch.tensor([[[0, 1], [0, 0]]]), torch.tensor([[2, 1]]))
     with pytest.raises(ValueError, match="use keep"):
         cache.evict(0, torch.rand(1, 2, 2), torch.tensor([[1, 1]]))
