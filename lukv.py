@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import os
-import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -43,7 +41,7 @@ import torch
 import baselines
 import solver
 import tasks
-from model import DEFAULT_CHECKPOINT, Probe, load_checkpoint, rope_frequencies
+from model import DEFAULT_CHECKPOINT, Probe, apply_rope, load_checkpoint, rope_frequencies
 
 # -----------------------------------------------------------------------------
 # config
@@ -83,14 +81,6 @@ class LUKVConfig:
     def floor(self, T):
         """Tokens every head keeps at least: sink + window + the minimum share."""
         return min(T, self.sink + self.window + math.ceil(self.min_share * T))
-
-
-def progress(done, total, text):
-    """A progress line: redrawn in place on a terminal; every 10% and at the end in a log file."""
-    if sys.stdout.isatty():
-        print(f"\r{text}", end="\n" if done == total else "", flush=True)
-    elif done == total or done % max(1, total // 10) == 0:
-        print(text, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -148,12 +138,6 @@ def average_rope(cfg, T, n_future):
     return (angles.cos() * scale).mean(dim=0), (angles.sin() * scale).mean(dim=0)
 
 
-def rotate(x, cos, sin):
-    """Apply the rotation (cos, sin) (D,) to the last dimension of x (model.apply_rope's formula)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 def expected_attention_scores(model_cfg, cache, probe, cfg):
     """Expected Attention (Devoto et al.; kvpress ExpectedAttentionPress): the attention that future
     queries are expected to pay each token, times its value norm. Query-free.
@@ -177,9 +161,9 @@ def expected_attention_scores(model_cfg, cache, probe, cfg):
         if T > max(cfg.sink, 1):
             keys = cache.keys(l).float()[:, cfg.sink:]  # (H, T', D), T' = T - sink
             values = probe.values[l][0].float()[:, cfg.sink:]  # (H, T', D)
-            mu = rotate(probe.query_mean[l][0].float(), cos, sin).view(H, G, D)  # (H, G, D) = R mu
+            mu = apply_rope(probe.query_mean[l][0].float(), cos, sin).view(H, G, D)  # (H, G, D) = R mu
             sigma = probe.query_cov[l][0].float()  # (H*G, D, D)
-            sigma = rotate(rotate(sigma, cos, sin).transpose(-1, -2), cos, sin).view(H, G, D, D)  # R Sigma R^T
+            sigma = apply_rope(apply_rope(sigma, cos, sin).transpose(-1, -2), cos, sin).view(H, G, D, D)  # R Sigma R^T
             logits = torch.einsum("hgd,htd->hgt", mu, keys) / math.sqrt(D)  # (H, G, T')
             logits += torch.einsum("htd,hgde,hte->hgt", keys, sigma, keys) / (2 * D)
             expected = torch.softmax(logits, dim=-1).mean(dim=1)  # (H, T')
@@ -347,7 +331,7 @@ def weights_key(model):
 
 @torch.no_grad()
 def profile(model, model_id, contexts, scorers, cfg, cache_dir, stop_ids=(), temperature=0.0, answer_only=False,
-            log=progress):
+            log=tasks.progress):
     """Average the per-(context, question) tables of every scorer: ({scorer: (99, L, H)}, counts).
 
     contexts: [(context ids, [question ids, ...])]. Each context's tables go to cache_dir under a key
@@ -378,21 +362,8 @@ def profile(model, model_id, contexts, scorers, cfg, cache_dir, stop_ids=(), tem
     return {s: np.mean(t, axis=0) for s, t in tables.items()}, {"computed": computed, "reused": reused}
 
 
-def tiny_calibration(enc, n_contexts, n_questions, length, seed=0):
-    """The tiny model's calibration: tasks.py's qa prose with questions (never evaluated on), seeds calibration-N."""
-    rng = random.Random(f"calibration-{seed}")
-    examples = [tasks.make_example("qa", rng, length, n_questions) for _ in range(n_contexts)]
-    return [(enc.encode_ordinary(ex.context), [enc.encode_ordinary(q) for q, _ in ex.qa]) for ex in examples]
-
-
 # a profile is solver.py's table on disk: [99, L, H] prune ratios (.npy, what kvpress's LUKVPress loads)
 # and a .json sidecar saying who it belongs to and how it was made; the same for every model
-
-def file_id(path):
-    """A short id of a checkpoint file: the sha256 of its bytes (profiles name the model they belong to)."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
 
 def profile_meta(scorer, model_id, cfg, **extra):
     """What a profile's sidecar records: who it belongs to and how it was made (refused if they differ)."""
@@ -595,7 +566,7 @@ def heatmap(keep_frac, title):
 
 
 @torch.no_grad()
-def demo(model, suite, profile, cfg, ratio=0.8, n=8, length=1024, seed=2, log=progress):
+def demo(model, suite, profile, cfg, ratio=0.8, n=8, length=1024, seed=2, log=tasks.progress):
     """Exact match per family with the full cache and with each allocator at one ratio (SnapKV scores,
     query-agnostic), through run_example; the average over the families the full cache gets >= 50% right."""
     allocators = ["uniform", "pyramid", "adakv", "lukv"]
@@ -670,7 +641,7 @@ def main(argv=None):
         model, enc, _ = load_tiny(args.checkpoint)
     except (RuntimeError, ValueError) as e:  # a damaged checkpoint or tokenizer, named
         parser.error(str(e))
-    model_id, suite, shape = file_id(args.checkpoint), tasks.TinySuite(enc), (model.cfg.n_layer, model.cfg.n_kv_head)
+    model_id, suite, shape = tasks.file_id(args.checkpoint), tasks.TinySuite(enc), (model.cfg.n_layer, model.cfg.n_kv_head)
     print(f"model: {os.path.basename(args.checkpoint)} ({model.num_params() / 1e6:.2f}M parameters, "
           f"{model.cfg.n_layer} layers x {model.cfg.n_kv_head} KV heads, id {model_id})")
     if args.demo:  # the table is checked before the profile's work, not after it
@@ -679,7 +650,7 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
     if args.profile:
-        contexts = tiny_calibration(enc, args.calib_contexts, args.calib_questions, args.length, args.calib_seed)
+        contexts = suite.calibration(args.calib_contexts, args.calib_questions, args.length, args.calib_seed)
         tables, counts = profile(model, model_id, contexts, args.scorers, cfg,
                                  os.path.join(args.out_dir, "contexts.cache"), suite.stop_ids)
         for s, table in tables.items():

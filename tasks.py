@@ -29,6 +29,7 @@ import math
 import os
 import random
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
@@ -568,6 +569,14 @@ class TinySuite:
     def score(self, item, answer):
         return float(exact_match(item.family, answer, item.references[0]))
 
+    def calibration(self, n_contexts, n_questions, length, seed=0):
+        """[(context ids, [question ids, ...])] for lukv.profile: qa prose with n_questions questions each, from
+        seeds calibration-N (the evaluation never draws them)."""
+        rng = random.Random(f"calibration-{seed}")
+        examples = [make_example("qa", rng, length, n_questions) for _ in range(n_contexts)]
+        return [(self.enc.encode_ordinary(ex.context), [self.enc.encode_ordinary(q) for q, _ in ex.qa])
+                for ex in examples]
+
 
 def interval(scores):
     """(mean, low, high): a 95% interval of a mean of scores in [0, 1]; Wilson's for 0/1 scores."""
@@ -589,6 +598,20 @@ def interval(scores):
 # command lines: every argument checked before any work, a bad one refused in one line (exit code 2)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def progress(done, total, text):
+    """A progress line: redrawn in place on a terminal; every 10% and at the end in a log file."""
+    if sys.stdout.isatty():
+        print(f"\r{text}", end="\n" if done == total else "", flush=True)
+    elif done == total or done % max(1, total // 10) == 0:
+        print(text, flush=True)
+
+
+def file_id(path):
+    """A short id of a file: the sha256 of its bytes (a profile names the model file it belongs to)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -166,7 +166,7 @@ def test_profile_resumes_and_recomputes_what_changed(tmp_path):
     model, enc = tiny_model(vocab_size=tasks.load_tokenizer(os.path.join(HERE, "checkpoints", "tiny.tiktoken")).n_vocab), \
         tasks.load_tokenizer(os.path.join(HERE, "checkpoints", "tiny.tiktoken"))
     cfg, stop = LUKVConfig(), {enc.encode_ordinary("\n")[0]}
-    contexts = lukv.tiny_calibration(enc, 2, 2, 200)
+    contexts = tasks.TinySuite(enc).calibration(2, 2, 200)
     first, counts = lukv.profile(model, "m", contexts, ["snapkv", "keydiff"], cfg, str(tmp_path), stop, **QUIET)
     assert counts == {"computed": 2, "reused": 0} and len(os.listdir(tmp_path)) == 4
     again, counts = lukv.profile(model, "m", contexts, ["snapkv", "keydiff"], cfg, str(tmp_path), stop, **QUIET)
@@ -387,7 +387,7 @@ def test_batched_rows_answer_as_each_method_alone(shipped):
     method alone (a batch of one), and a ratio of 0 is the full cache exactly."""
     model, enc, _ = shipped
     cfg, suite = LUKVConfig(), tasks.TinySuite(enc)
-    table = lukv.load_profile(lukv.profile_path(CHECKPOINT, "snapkv"), "snapkv", lukv.file_id(CHECKPOINT),
+    table = lukv.load_profile(lukv.profile_path(CHECKPOINT, "snapkv"), "snapkv", tasks.file_id(CHECKPOINT),
                               (model.cfg.n_layer, model.cfg.n_kv_head), cfg)[0]
     item = suite.items("niah_multikey", 1, 512, 7)[0]
     methods = [Method("snapkv", a, r, table) for a in ("uniform", "pyramid", "adakv", "lukv", "oracle")
@@ -421,7 +421,7 @@ def test_shipped_profiles_belong_to_the_shipped_model(shipped):
     """Every shipped profile of the tiny model loads through load_profile, and its rows' mean prune ratio
     matches the row's ratio wherever the floors allow."""
     model, cfg = shipped[0], LUKVConfig()
-    model_id, shape = lukv.file_id(CHECKPOINT), (model.cfg.n_layer, model.cfg.n_kv_head)
+    model_id, shape = tasks.file_id(CHECKPOINT), (model.cfg.n_layer, model.cfg.n_kv_head)
     for name in ["snapkv", "keydiff", "knorm", "expected_attention", "oracle", "taskloss_snapkv"]:
         table, meta = lukv.load_profile(lukv.profile_path(CHECKPOINT, name), name.removeprefix("taskloss_"),
                                         model_id, shape, cfg)

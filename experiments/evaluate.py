@@ -40,7 +40,7 @@ import lukv
 import solver
 import tasks
 from experiments import calibration, hf, peers, ruler
-from lukv import LUKVConfig, Method, progress
+from lukv import LUKVConfig, Method
 
 CHECKPOINTS = os.path.join(tasks.ROOT, "checkpoints")
 INTASK_SEED = 7  # in-task profiles: neither a development (0, 1), an evaluation (2, 3) nor a calibration seed
@@ -59,7 +59,7 @@ def load(name, dtype="float32", device="cpu", fmt=None):
     if name == "tiny" or name.endswith(".pt"):
         path = lukv.DEFAULT_CHECKPOINT if name == "tiny" else name
         model, enc, _ = lukv.load_tiny(path)
-        model, model_id, suite = model.to(device, weights), lukv.file_id(path), tasks.TinySuite(enc)
+        model, model_id, suite = model.to(device, weights), tasks.file_id(path), tasks.TinySuite(enc)
     else:
         model, enc, model_id = hf.load_model(name, dtype=weights)
         model, suite = model.to(device), ruler.RulerSuite(enc, fmt or ("chat" if getattr(enc, "chat_template", None)
@@ -171,7 +171,7 @@ def append_record(path, record):
 
 @torch.no_grad()
 def evaluate(model, suite, tables, families, ratios, pairs, n, length, seed, cfg, settings=("agnostic",),
-             partial=None, model_id="", log=progress):
+             partial=None, model_id="", log=tasks.progress):
     """Every record of the grid (pairs: (scorer, allocator)); finished ones are read back from `partial`
     (a .jsonl path) and new ones appended to it as they finish."""
     key = run_key(model, suite, model_id, ratios, pairs, length, seed, cfg, tables)
@@ -397,7 +397,7 @@ def correlation_report(tables, scorer, ratio=0.8):
 
 
 @torch.no_grad()
-def knockout(model, suite, families, n, length, seed, cfg, log=progress):
+def knockout(model, suite, families, n, length, seed, cfg, log=tasks.progress):
     """Score (L, H, F) when one head at a time keeps only sink + window; the L * H variants of an example
     are the rows of one batched cache."""
     L, H = model.cfg.n_layer, model.cfg.n_kv_head
@@ -449,7 +449,7 @@ def answer_nll(model, cache, follow_ids, answer_ids):
 
 
 @torch.no_grad()
-def build_taskloss_profile(model, contexts, scorer, cfg, stop_ids, log=progress):
+def build_taskloss_profile(model, contexts, scorer, cfg, stop_ids, log=tasks.progress):
     """(99, L, H) prune ratios from task-loss curves averaged over calibration (context, question) pairs."""
     L, H = model.cfg.n_layer, model.cfg.n_kv_head
     sums, t0, pairs = None, time.time(), 0

@@ -64,7 +64,7 @@ def test_a_resumed_run_recomputes_records_made_with_another_table(tmp_path):
     resumes the records of the old one; the same table resumes them."""
     model, enc, _ = lukv.load_tiny()
     suite, cfg = tasks.TinySuite(enc), LUKVConfig()
-    table = lukv.load_profile(SHIPPED_TABLE, "snapkv", lukv.file_id(lukv.DEFAULT_CHECKPOINT), (6, 4), cfg)[0]
+    table = lukv.load_profile(SHIPPED_TABLE, "snapkv", tasks.file_id(lukv.DEFAULT_CHECKPOINT), (6, 4), cfg)[0]
     args = (["niah_single"], [0.8], [("snapkv", "lukv")], 1, 256, 5, cfg)
     def key(table, m=model):
         return evaluate.run_key(m, suite, "m", *args[1:3], 256, 5, cfg, {"|snapkv": [("t", table, cfg)]})
@@ -82,7 +82,7 @@ def test_the_profile_cache_and_sidecar_name_the_weights_dtype_and_device(tmp_pat
     """A per-context cache made in bfloat16 is not read back in float32 (the key holds dtype and device), and
     the table's sidecar records both."""
     model, enc, _ = lukv.load_tiny()
-    contexts = lukv.tiny_calibration(enc, 1, 1, 128)
+    contexts = tasks.TinySuite(enc).calibration(1, 1, 128)
     quiet = dict(log=lambda *a: None)
     lukv.profile(model.to(torch.bfloat16), "m", contexts, ["keydiff"], LUKVConfig(), str(tmp_path), **quiet)
     _, counts = lukv.profile(model.to(torch.float32), "m", contexts, ["keydiff"], LUKVConfig(), str(tmp_path), **quiet)
@@ -225,7 +225,7 @@ def test_damaged_files_are_named_with_what_to_do(tmp_path):
     ev(["--eval", "--allocators", "lukv", "--scorers", "snapkv", "--table", str(table)], "t.json is not JSON",
        tmp_path)
     model, enc, _ = lukv.load_tiny()
-    contexts, cache = lukv.tiny_calibration(enc, 1, 1, 128), tmp_path / "cache"
+    contexts, cache = tasks.TinySuite(enc).calibration(1, 1, 128), tmp_path / "cache"
     lukv.profile(model, "m", contexts, ["keydiff"], LUKVConfig(), str(cache), log=lambda *a: None)
     (cache / os.listdir(cache)[0]).write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(ValueError, match="delete it to recompute"):

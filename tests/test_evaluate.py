@@ -61,7 +61,7 @@ def test_every_allocator_keeps_a_fifth_at_80_percent_and_keep_all_is_the_full_ca
     (ratio 0) scores exactly as the full cache does on every example."""
     model, enc, _ = shipped
     cfg, shape = LUKVConfig(), (model.cfg.n_layer, model.cfg.n_kv_head)
-    tables = evaluate.load_tables([lukv.profile_path(CHECKPOINT, "snapkv")], lukv.file_id(CHECKPOINT), shape, cfg)
+    tables = evaluate.load_tables([lukv.profile_path(CHECKPOINT, "snapkv")], tasks.file_id(CHECKPOINT), shape, cfg)
     pairs = [("snapkv", a) for a in ("uniform", "pyramid", "adakv", "lukv")]
     res = evaluate.evaluate(model, tasks.TinySuite(enc), tables, ["niah_single", "qa"], [0.0, 0.8], pairs, 1, 512,
                             5, cfg, **QUIET)
@@ -146,7 +146,7 @@ def test_several_tables_of_one_scorer_are_one_row_each_with_their_own_window(shi
     """--table A,B of one scorer evaluates each as its own LU-KV row (lukv:A, lukv:B) on the same examples,
     each protected as it was profiled (window 16 or 1), beside baselines at the run's window."""
     model, enc, _ = shipped
-    cfg, shape, model_id = LUKVConfig(), (model.cfg.n_layer, model.cfg.n_kv_head), lukv.file_id(CHECKPOINT)
+    cfg, shape, model_id = LUKVConfig(), (model.cfg.n_layer, model.cfg.n_kv_head), tasks.file_id(CHECKPOINT)
     one = LUKVConfig(window=1)
     table = lukv.load_profile(lukv.profile_path(CHECKPOINT, "keydiff"), "keydiff", model_id, shape, cfg)[0]
     solver.save_table(str(tmp_path / "A.npy"), table, lukv.profile_meta("keydiff", model_id, cfg))
@@ -230,7 +230,7 @@ def test_in_task_profiles_are_written_and_read_by_the_intask_allocator(tmp_path)
     run = command("--intask", *common, "--calib-contexts", "2", "--out", tmp_path / "p.npy")
     assert run.returncode == 0, run.stderr
     path = tmp_path / "p_intask_niah_single.npy"
-    table, meta = lukv.load_profile(str(path), "snapkv", lukv.file_id(CHECKPOINT), (6, 4), LUKVConfig())
+    table, meta = lukv.load_profile(str(path), "snapkv", tasks.file_id(CHECKPOINT), (6, 4), LUKVConfig())
     assert table.shape == (99, 6, 4) and meta["kind"] == "intask_niah_single"
     assert "calibration      niah_single" in run.stdout  # the budget correlation with the shipped profile
     run = command("--eval", *common, "--allocators", "lukv,intask", "--n", "1", "--ratios", "0.8", "--table",

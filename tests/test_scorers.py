@@ -13,7 +13,7 @@ import baselines
 import lukv
 import solver
 from lukv import LUKVConfig, allocate
-from model import GPT, GPTConfig, KVCache, Probe
+from model import GPT, GPTConfig, KVCache, Probe, apply_rope
 
 NO_PROTECTION = dict(sink=0, window=0, min_share=0.0)
 
@@ -106,7 +106,7 @@ def test_average_rope_known_answer():
     cos, sin = lukv.average_rope(cfg, 2, 2)
     assert torch.allclose(cos, torch.tensor([-0.5, -0.5]), atol=1e-6) and \
         torch.allclose(sin, torch.tensor([-0.5, -0.5]), atol=1e-6), (cos, sin)
-    got = lukv.rotate(torch.tensor([1.0, 0.0]), cos, sin)
+    got = apply_rope(torch.tensor([1.0, 0.0]), cos, sin)
     assert torch.allclose(got, torch.tensor([-0.5, -0.5]), atol=1e-6), got
 
 

@@ -158,19 +158,19 @@ def test_training_resumes_exactly(tmp_path):
 def test_smoke_training_never_touches_the_shipped_files_and_refuses_another_configuration(tmp_path):
     """train_tiny.py --smoke, run as the README says, writes under runs/tiny and leaves checkpoints/ as it
     was; a tiny.pt of another configuration in --out is refused before any step, and left as it was."""
-    shipped = {name: lukv.file_id(os.path.join(HERE, "checkpoints", name)) for name in ("tiny.pt", "tiny.tiktoken")}
+    shipped = {name: tasks.file_id(os.path.join(HERE, "checkpoints", name)) for name in ("tiny.pt", "tiny.tiktoken")}
     cmd = [sys.executable, os.path.join(HERE, "train_tiny.py"), "--smoke", "--tokenizer", TOKENIZER,
            "--max-steps", "1", "--eval-every", "1000"]
     subprocess.run(cmd, check=True, capture_output=True, cwd=str(tmp_path))
     assert (tmp_path / "runs" / "tiny" / "tiny.pt").exists()
-    assert shipped == {name: lukv.file_id(os.path.join(HERE, "checkpoints", name)) for name in shipped}
+    assert shipped == {name: tasks.file_id(os.path.join(HERE, "checkpoints", name)) for name in shipped}
     other = tmp_path / "other"
     other.mkdir()
     save_checkpoint(str(other / "tiny.pt"), tiny_model(), TOKENIZER, {"command": "another run"})
-    before = lukv.file_id(str(other / "tiny.pt"))
+    before = tasks.file_id(str(other / "tiny.pt"))
     run = subprocess.run(cmd + ["--out", str(other)], capture_output=True, text=True, cwd=str(tmp_path))
     assert run.returncode != 0 and "another configuration" in run.stderr, run.stderr
-    assert lukv.file_id(str(other / "tiny.pt")) == before
+    assert tasks.file_id(str(other / "tiny.pt")) == before
 
 
 def test_tiny_suite_items_are_the_examples_as_token_ids(enc):
