@@ -79,7 +79,7 @@ MODELS = {
         num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=64),
-        rms_norm_eps=1e-5, tie_word_embeddings=True, contexts=[256]),
+        rms_norm_eps=1e-5, tie_word_embeddings=False, contexts=[256]),  # untied: greedy tokens depend on the cache
 }
 IMPLS = ["ours-full", "ours-lukv", "hf-full", "hf-compiled", "kvpress-adakv", "kvpress-lukv", "kvpress-snapkv"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -756,7 +756,7 @@ def run_case(name, model, hf, kvpress_mod, kvpress_why, impls, B, T, args, devic
                 result, tok = run_row(impl, model, hf, kvpress_mod, ids, counts, lcfg, table, args)
                 row.update(status="ok", **result)
                 row.update(roof_fields(row, weights, args.roof_gbps))
-                tokens[impl] = tok.cpu()
+                tokens[impl] = (result.get("warmup_tokens", 0), tok.cpu())  # HF rows record after their warm-up
             except torch.OutOfMemoryError as e:
                 row.update(status="OOM", why=f"caught: {str(e).splitlines()[0][:160]}")
             except Exception as e:  # one failing row (a compile, say) must not end a device run: said in its row
@@ -770,12 +770,16 @@ def run_case(name, model, hf, kvpress_mod, kvpress_why, impls, B, T, args, devic
                 torch.cuda.empty_cache()
         rows.append(row)
         log(row)
-    # the same weights and prompt: the full-cache rows should decode the same tokens (bf16 rounding aside)
+    # the same weights and prompt: the full-cache rows should decode the same tokens (bf16 rounding aside), compared
+    # at the same positions: ours records from the first generated token, Hugging Face's rows after their warm-up
     for a, b, field in (("ours-full", "hf-full", "tokens_same_as_other_full"),
                         ("hf-compiled", "hf-full", "tokens_same_as_hf_full")):
         if a in tokens and b in tokens:
-            n = min(tokens[a].shape[1], tokens[b].shape[1])
-            same = (tokens[a][:, :n] == tokens[b][:, :n]).float().mean().item()
+            (skip_a, x), (skip_b, y) = tokens[a], tokens[b]
+            start = max(skip_a, skip_b)
+            x, y = x[:, start - skip_a:], y[:, start - skip_b:]  # both from generated token `start` on
+            n = min(x.shape[1], y.shape[1])
+            same = (x[:, :n] == y[:, :n]).float().mean().item()
             for row in rows:
                 if row["impl"] in ((a, b) if field == "tokens_same_as_other_full" else (a,)):
                     row[field] = same
@@ -787,11 +791,18 @@ def run_case(name, model, hf, kvpress_mod, kvpress_why, impls, B, T, args, devic
 
 
 @torch.no_grad()
-def check_lean_path(model, T=200, n_new=6, ratio=0.8, impl="v1", seed=0):
+def check_lean_path(spec, device, dtype, T=200, n_new=6, ratio=0.8, impl="v1", seed=0):
     """Greedy tokens of the lean path == model.generate over a KVCache evicted with the same scores and counts.
 
     Both run B = 1 (the same matrix shapes, so the same rounding); the reference prefills with model.forward,
-    scores with lukv.snapkv_scores on its probe and evicts with KVCache.evict. Returns a list of failures."""
+    scores with lukv.snapkv_scores on its probe and evicts with KVCache.evict. They run on a twin of the spec's
+    model whose tokens depend on the cache: an untied output head (a tied random model repeats its last token,
+    whatever the cache holds) and weight matrices 4x the init's (at std 0.02 attention barely moves the logits;
+    4 is exact in every float format). Returns a list of failures."""
+    model = build_ours(dict(spec, tie_word_embeddings=False), T + n_new + 8, device, dtype, seed)
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.mul_(4)
     cfg, device = model.cfg, model.embed_tokens.weight.device
     lcfg = lukv.LUKVConfig()
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -932,7 +943,7 @@ def main(args):
         contexts = [int(c) for c in args.contexts.split(",")] if args.contexts else spec["contexts"]
         batches = [int(b) for b in args.batch.split(",")]
         t0 = time.time()
-        block_size = max(contexts + [256]) + args.new + 64  # 256: room for check_lean_path's 200 + 6 tokens
+        block_size = max(contexts) + args.new + 64
         model = build_ours(spec, block_size, device, DTYPES[args.dtype], args.seed)
         try:
             hf = build_hf(spec, model) if any(i.startswith(("hf", "kvpress")) for i in impls) else None
@@ -941,7 +952,7 @@ def main(args):
             print(f"transformers unavailable: {e}")
         print(f"{name}: {model.num_params() / 1e6:.0f}M parameters, built in {time.time() - t0:.1f} s", flush=True)
         if not args.no_check:
-            failures = check_lean_path(model, impl=args.impl)
+            failures = check_lean_path(spec, device, DTYPES[args.dtype], impl=args.impl, seed=args.seed)
             print(f"lean path vs model.generate: {'agree' if not failures else 'DIFFER: ' + '; '.join(failures)}",
                   flush=True)
             env.setdefault("lean_check", {})[name] = failures or "agree"

@@ -18,10 +18,11 @@ from bench import decode
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run (B = 1, the four rows the issue names, the step profile): (rows, the JSON written)."""
+    """One --quick run in float32 (B = 1, four rows, the step profile): (rows, the JSON written)."""
     out = tmp_path_factory.mktemp("bench") / "e2e.json"
     _, args = decode.parse(["--quick", "--batch", "1", "--impls", "ours-full,ours-lukv,hf-full,hf-compiled",
-                            "--no-check", "--profile-step", "--device", "cpu", "--impl", "v1", "--out", str(out)])
+                            "--no-check", "--profile-step", "--device", "cpu", "--impl", "v1", "--dtype", "fp32",
+                            "--out", str(out)])
     with contextlib.redirect_stdout(io.StringIO()):
         rows = decode.main(args)
     return rows, json.loads(out.read_text())
@@ -69,10 +70,36 @@ def test_hf_compiled_row_says_why_kvpress_cannot_follow(quick):
     assert row["tokens_same_as_hf_full"] == 1.0, row
 
 
+def test_quick_full_rows_decode_the_same_tokens(quick):
+    """In float32 ours and Hugging Face compute one function, so their full-cache rows decode the same greedy tokens,
+    compared position by position (Hugging Face's rows record after their 3 warm-up tokens, ours from the first)."""
+    pytest.importorskip("transformers")
+    _, saved = quick
+    assert saved["rows"][0]["tokens_same_as_other_full"] == 1.0, saved["rows"][0]
+
+
+def test_lean_path_check_catches_a_cache_that_lost_its_keys(monkeypatch):
+    """check_lean_path agrees on the lean path as written, and names both caches once the prefill's keys are lost
+    (its twin's tokens depend on the cache: a tied random model would repeat its last token and agree anyway)."""
+    spec, cpu = decode.MODELS["tiny"], torch.device("cpu")
+    assert decode.check_lean_path(spec, cpu, torch.float32) == []
+    prefill = decode.prefill_ours
+
+    def keys_lost(*args, **kwargs):
+        cache, first = prefill(*args, **kwargs)
+        for k in cache.k:
+            k.zero_()
+        return cache, first
+
+    monkeypatch.setattr(decode, "prefill_ours", keys_lost)
+    failures = decode.check_lean_path(spec, cpu, torch.float32)
+    assert [f.split(":")[0] for f in failures] == ["full cache", "evicted cache"], failures
+
+
 def test_hf_compiled_decodes_the_tokens_of_hf_full():
     """StaticCache + the compiled step (Dynamo on the CPU) decode hf-full's greedy tokens (fp32, untied head, B = 2)."""
     pytest.importorskip("transformers")
-    spec = dict(decode.MODELS["tiny"], tie_word_embeddings=False)
+    spec = decode.MODELS["tiny"]
     model = decode.build_ours(spec, 200, torch.device("cpu"), torch.float32)
     hf = decode.build_hf(spec, model)
     ids = torch.randint(0, spec["vocab_size"], (2, 96), generator=torch.Generator().manual_seed(1))
