@@ -390,11 +390,14 @@ def test_generate_finishes_each_row_on_its_own():
 
 def test_generate_feeds_the_cache_and_the_probe():
     """generate prefills or continues the cache and feeds back every step's token (the probe sees each one)."""
-    model = tiny_model()
+    model = tiny_model(tie_embeddings=False)  # untied, weights 4x the init's: its tokens depend on what the cache holds
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data.mul_(4)
     idx = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(7))
     cache, probe = model.new_cache(1), Probe(decode=True)
     first = model.generate(idx[:, :15], 0, cache=cache)
     assert first == [[]] and cache.seen == 15 and probe.decode_attn == []
     out = model.generate(idx[:, 15:], 4, cache=cache, probe=probe)[0]
     assert len(out) == 4 and cache.seen == 24 and len(probe.decode_attn) == 5 + 4
-    assert out == model.generate(idx, 4)[0]
+    assert out == model.generate(idx, 4)[0] != model.generate(idx[:, 15:], 4)[0]  # the cache's 15 tokens count
