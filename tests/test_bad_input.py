@@ -19,6 +19,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import bench.decode
+import bench.kernels
 import bench.solver
 import lukv
 import solver
@@ -128,11 +130,11 @@ def test_library_calls_refuse_what_they_cannot_answer(tmp_path):
     cfg, scores = LUKVConfig(), torch.rand(6, 4, 300)
     with pytest.raises(ValueError, match="another model"):
         lukv.allocate("lukv", 0.8, scores, cfg, np.full((99, 2, 2), 0.5))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="integer total_evict"):
         solver.greedy_evictions([np.arange(6.0)], np.zeros(1, dtype=np.int64), 5.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"ratio in \[0, 1\)"):
         solver.keep_count(100, -0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="utility >= 0"):
         solver.loss_curve(np.arange(3.0), np.array([1.0, -1.0, 0.0]))
     with pytest.raises(ValueError, match="T >= 1"):
         lukv.context_table(torch.zeros(1, 1, 0), torch.zeros(1, 1, 0), cfg)
@@ -288,7 +290,7 @@ def test_a_torn_last_line_is_dropped_and_the_next_record_kept(tmp_path):
 
 PARSERS = {"lukv": lukv.parse, "evaluate": evaluate.parse, "peers": peers.parse, "hf": hf.parse,
            "ruler": ruler.parse, "calibration": calibration.parse, "tasks": tasks.parse, "train_tiny": train_tiny.parse,
-           "bench.solver": bench.solver.parse}
+           "bench.solver": bench.solver.parse, "bench.kernels": bench.kernels.parse, "bench.decode": bench.decode.parse}
 VALUES = ["0", "1", "-1", "3", "64", "1024", "100000", "0.5", "0.005", "1.5", "nan", "", "x", "a,b", "snapkv",
           "keydiff,oracle", "lukv", "uniform,intask", "niah_single", "agnostic", "aware", "paper", "mixed", "tiny",
           "smollm2", "cuda", "bfloat16", "runs/x.json", "runs/x.npy", "runs/x.png", "README.md", "/nonexistent/y",
