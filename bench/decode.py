@@ -165,28 +165,14 @@ def import_kvpress():
 # per-head budgets: a LU-KV-style table with random skew, shared by ours and kvpress's LUKVPress
 
 
-RATIOS = np.arange(1, 100) / 100  # row r - 1 of a table is compression r% (kvpress LUKVPress's layout)
-
-
 def skewed_table(L, H, seed=0, sigma=0.6):
     """A [99, L, H] table of prune ratios (kvpress LUKVPress layout): head (l, h) keeps share[l, h] times
     the average, share lognormal(0, sigma) with mean 1, so budgets are as uneven as real profiles."""
     rng = np.random.default_rng(seed)
     share = rng.lognormal(0.0, sigma, (L, H))
     share /= share.mean()
-    keep = np.clip((1 - RATIOS)[:, None, None] * share[None], 0.0, 1.0)  # (99, L, H)
+    keep = np.clip((1 - solver.RATIOS)[:, None, None] * share[None], 0.0, 1.0)  # (99, L, H)
     return (1 - keep).astype(np.float32)
-
-
-def lukv_counts(table, ratio, T, cfg):
-    """Per-head keep counts (L, H) at a ratio, as LU-KV's allocator makes them: the table's row rescaled to keep
-    solver.keep_count(L * H * T, ratio) tokens in all, each head at least cfg.floor(T), largest-remainder rounding."""
-    L, H = table.shape[1:]
-    shares = (1 - table[solver.row_of(ratio)].astype(float)) * T  # (L, H)
-    total = solver.keep_count(L * H * T, ratio)
-    counts = solver.largest_remainder((shares * total / shares.sum()).ravel(), total,
-                                      minimum=np.full(L * H, cfg.floor(T)), maximum=np.full(L * H, T))
-    return counts.reshape(L, H)
 
 
 # -----------------------------------------------------------------------------
@@ -715,7 +701,7 @@ def case_inputs(cfg, B, T, args, device):
     table = skewed_table(cfg.n_layer, cfg.n_kv_head, seed=args.seed)
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=gen).to(device)
-    return ids, lukv_counts(table, args.ratio, T, lcfg), lcfg, table
+    return ids, lukv.lukv_counts(args.ratio, T, lcfg, table), lcfg, table
 
 
 def run_row(impl, model, hf, kvpress_mod, ids, counts, lcfg, table, args):
@@ -807,7 +793,7 @@ def check_lean_path(spec, device, dtype, T=200, n_new=6, ratio=0.8, impl="v1", s
     lcfg = lukv.LUKVConfig()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(0, cfg.vocab_size, (1, T), generator=gen).to(device)
-    counts = lukv_counts(skewed_table(cfg.n_layer, cfg.n_kv_head, seed), ratio, T, lcfg)
+    counts = lukv.lukv_counts(ratio, T, lcfg, skewed_table(cfg.n_layer, cfg.n_kv_head, seed))
     failures = []
     for evict in (False, True):
         lean_cache, first = prefill_ours(model, ids, counts if evict else None, lcfg, n_new, impl,
@@ -889,7 +875,7 @@ def warm_up(model, hf, contexts, impls, args, device):
     """Every compile before the first timed row: ours' whole path on a short prompt (prefill, evict, the decode
     kernels and graph), the evict kernels at each context's own shapes, Hugging Face's eager path."""
     warm_T, lcfg = min(min(contexts), 2048), lukv.LUKVConfig()
-    warm_counts = lukv_counts(skewed_table(model.cfg.n_layer, model.cfg.n_kv_head), args.ratio, warm_T, lcfg)
+    warm_counts = lukv.lukv_counts(args.ratio, warm_T, lcfg, skewed_table(model.cfg.n_layer, model.cfg.n_kv_head))
     warm_ids = torch.zeros(1, warm_T, dtype=torch.long, device=device)
     run_ours(model, warm_ids, warm_counts, lcfg, 4, args.impl, args.graph)
     for T in contexts if "ours-lukv" in impls else []:
@@ -989,10 +975,8 @@ def main(args):
 
 
 def save(path, env, args, rows):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(dict(env=env, args=vars(args), command=" ".join(sys.argv), rows=rows), f, indent=1)
-    os.replace(path + ".tmp", path)
+    record = dict(env=env, args=vars(args), command=" ".join(sys.argv), rows=rows)
+    solver.write_atomic(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
 def _int_list(parser, flag, text, low):
@@ -1044,10 +1028,12 @@ def parse(argv=None):
         parser.error(f"--ratio must be between 0 and 1 (both excluded), got {args.ratio}")
     for name in args.models.split(","):  # every case makes LU-KV counts: each head keeps at least lukv's floor
         heads, floor = MODELS[name]["num_hidden_layers"] * MODELS[name]["num_key_value_heads"], lukv.LUKVConfig().floor
-        for T in contexts or MODELS[name]["contexts"]:
+        cases = contexts or MODELS[name]["contexts"]
+        for T in sorted({*cases, min(min(cases), 2048)}):  # the cases and the warm-up (check_lean_path: 0.8 at 200)
             if solver.keep_count(heads * T, args.ratio) < heads * floor(T):
                 parser.error(f"--ratio {args.ratio} at T={T} leaves a head fewer tokens than the {floor(T)} it keeps "
-                             f"at least (sink + window + 1%); lower --ratio or lengthen --contexts")
+                             f"at least (sink + window + 1%); lower --ratio (the cases run at --contexts, the warm-up at the "
+                             f"shortest of them up to 2048)")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device) or (args.device != "cpu" and not torch.cuda.is_available()):
         parser.error(f"--device {args.device}: expected cpu, or cuda / cuda:N on a machine with CUDA")
     if args.impl == "v3" and args.device == "cpu" and not kernels.INTERPRET:

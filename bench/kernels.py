@@ -12,16 +12,16 @@ kernels.py --bench is the short version (a few eager rows); results/KERNELS.md r
 Bytes are counted before timing, as kernels.py counts them per operation: GB/s = bytes / time.
 """
 
-import argparse
 import contextlib
 import datetime
 import json
-import os
 from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
+import solver
+import tasks
 from kernels import APPEND, DECODE, EVICT, TUNING, _layout, _select, decode_v3, evict_v1, evict_v3
 
 # the decode cases: (name, B, H KV heads, G query heads per KV head, T context)
@@ -316,12 +316,10 @@ def _report(rows, out):
         print(f"  {name:45} " + ("row missing" if value is None else
                                  f"{value:6.2f} {basis[0]}  {'PASS' if ok else 'FAIL'}"))
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"header": head, "device": props.name, "date": str(datetime.date.today()), "torch":
-                       torch.__version__, "triton": triton.__version__, "roof_gbps": roof, "tuning": asdict(TUNING),
-                       "rows": rows, "targets": [dict(target=n, value=v, basis=b, op=o, goal=g)
-                                                 for n, (v, b), o, g in checks]}, f, indent=1)
+        record = {"header": head, "device": props.name, "date": str(datetime.date.today()), "torch": torch.__version__,
+                  "triton": triton.__version__, "roof_gbps": roof, "tuning": asdict(TUNING), "rows": rows,
+                  "targets": [dict(target=n, value=v, basis=b, op=o, goal=g) for n, (v, b), o, g in checks]}
+        solver.write_atomic(out, lambda f: f.write(json.dumps(record, indent=1).encode()))
         print(f"wrote {out}")
 
 
@@ -404,15 +402,29 @@ def profile_kernels():
               f"{top}" + (f"  [graph: {why}]" if why else ""), flush=True)
 
 
+def parse(argv=None):
+    """(parser, args), checked before any work: at most one of --quick, --profile and --once; --out only where rows
+    are written, a .json file that the repository does not ship (unless --overwrite)."""
+    parser = tasks.ArgumentParser(description=__doc__.split("\n\n")[0])
+    what = parser.add_mutually_exclusive_group()  # default: the table
+    what.add_argument("--quick", action="store_true", help="smaller benchmark sizes (a smoke run)")
+    what.add_argument("--profile", action="store_true", help="eager vs CUDA-graph vs device time per v3 path")
+    what.add_argument("--once", action="store_true", help="one E1 evict and one D1 decode (a driver for ncu)")
+    parser.add_argument("--out", default=None, help="write the benchmark rows as JSON to this .json path")
+    parser.add_argument("--overwrite", action="store_true", help="--out may replace a file the repository ships")
+    args = parser.parse_args(argv)
+    if args.out and (args.profile or args.once):
+        parser.error("--out: --profile and --once print and write no rows; leave --out out")
+    if args.out:
+        tasks.check_output(parser, args.out, ".json", args.overwrite)
+    if not torch.cuda.is_available():
+        parser.error("bench.kernels times GPU kernels and needs a CUDA card; on the CPU run "
+                     "python -m pytest -q tests/test_kernels.py")
+    return parser, args
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    # what to run (default: the table)
-    parser.add_argument("--quick", action="store_true", help="smaller benchmark sizes (a smoke run)")
-    parser.add_argument("--profile", action="store_true", help="eager vs CUDA-graph vs device time per v3 path")
-    parser.add_argument("--once", action="store_true", help="one E1 evict and one D1 decode (a driver for ncu)")
-    # output
-    parser.add_argument("--out", default=None, help="write the benchmark rows as JSON to this path")
-    args = parser.parse_args()
+    _, args = parse()
     if args.once:
         ncu_driver()
     elif args.profile:

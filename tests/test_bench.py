@@ -9,11 +9,12 @@ bad arguments before any work, and the compile-free check and the kernel groupin
 import contextlib
 import io
 import json
+import os
 
 import pytest
 import torch
 
-from bench import decode
+from bench import decode, kernels
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +132,12 @@ def test_hf_compiled_without_fullgraph_says_so(monkeypatch):
     assert torch.equal(tokens, decode.run_hf(hf, ids, 4)[1])
 
 
-def refusal(argv):
-    """(exit code, stderr) of decode.parse(argv)."""
+def refusal(argv, parse=decode.parse):
+    """(exit code, stderr) of parse(argv), bench.decode's by default."""
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            decode.parse(argv)
+            parse(argv)
         return 0, err.getvalue()
     except SystemExit as e:
         return e.code, err.getvalue()
@@ -147,6 +148,7 @@ def refusal(argv):
     (["--impls", "ours-full,hf-fast"], "--impls: unknown"),
     (["--contexts", "0"], "--contexts must be at least 1"),
     (["--models", "tiny", "--contexts", "64"], "--ratio 0.8 at T=64 leaves a head fewer tokens"),
+    (["--quick", "--contexts", "4096", "--ratio", "0.985"], "at T=2048 leaves"),  # the warm-up's length
     (["--contexts", "32k"], "--contexts: expected a comma list of integers"),
     (["--batch", "1,0"], "--batch must be at least 1"),
     (["--new", "0"], "--new must be at least 1"),
@@ -163,11 +165,30 @@ def test_parse_refuses_bad_arguments(argv, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", "raw",
+                       "2026-12-01-h200", "e2e_h200_kernels_bench.json")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--profile"], "not allowed with argument"),
+    (["--once", "--out", "k.json"], "--profile and --once print and write no rows"),
+    (["--out", "k.txt"], "expected a .json file"),
+    (["--out", SHIPPED], "a file the repository ships"),
+])
+def test_kernel_bench_refuses_bad_arguments(argv, message, tmp_path, monkeypatch):
+    """bench.kernels checks its flags and its --out before any work (its rows take minutes of a card)."""
+    monkeypatch.chdir(tmp_path)
+    code, err = refusal(argv, kernels.parse)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_parse_refuses_cuda_without_a_card():
     """--device cuda on a machine without CUDA is refused at once, not after the model is built."""
     code, err = refusal(["--device", "cuda"])
     assert code == 2 and "cuda" in err and len(err.strip().splitlines()) == 1, (code, err)
+    code, err = refusal(["--quick"], kernels.parse)
+    assert code == 2 and "needs a CUDA card" in err and len(err.strip().splitlines()) == 1, (code, err)
 
 
 def test_parse_quick_fills_only_what_is_not_given():
