@@ -6,15 +6,13 @@
 The curves are what profiling makes: per head, utilities lognormal (sigma 2) times a lognormal
 head scale, a noisy scorer (score = log utility + N(0, noise)), the cumulative loss in the
 scorer's order over the evictable tokens (solver.loss_curves), sink 4, window 16, and a floor of
-1% + sink + window (lukv.LUKVConfig's defaults; the small bridge below slices them off as
-lukv.head_curves does). Both methods build the (99, N) table of solver.greedy_budget_table from
-the same curves, in the same run, and must agree exactly: the curves are sums of float32 values
-in float64, so the heap gets them rounded onto their exact grid, as the fast one rounds them
-inside. Times are CPU seconds of this process (steadier than wall seconds on a shared machine;
+1% + sink + window (lukv.LUKVConfig's defaults; lukv.head_curves slices them off, as profiling
+does). Both methods build the (99, N) table of solver.greedy_budget_table from the same curves,
+in the same run, and must agree exactly: the curves are sums of float32 values in float64, so the
+heap gets them rounded onto their exact grid, as the fast one rounds them inside. Times are CPU seconds of this process (steadier than wall seconds on a shared machine;
 both are printed), best of --repeats for the fast method, once for the heap.
 """
 
-import math
 import os
 import time
 
@@ -22,6 +20,7 @@ import numpy as np
 
 import solver
 import tasks
+from lukv import LUKVConfig, head_curves
 
 
 def timed(fn, repeats=1):
@@ -44,24 +43,11 @@ def realistic_inputs(N, T, noise, seed):
     return imp, scores
 
 
-def evictable_curves(imp, scores, sink, window, min_share):
-    """Loss curves (N, n+1) over tokens [sink, T - window), floors (N,) and protected tokens per head: the bridge.
-
-    A head keeps at least min(T, sink + window + ceil(min_share * T)) tokens in all; the floor
-    passed to the solver is the part of that above the protected ones."""
-    N, T = imp.shape
-    lo, hi = sink, max(sink, T - window)  # tokens [lo, hi) may be evicted
-    n_protected = T - (hi - lo)
-    floor = max(0, min(T, sink + window + math.ceil(min_share * T)) - n_protected)
-    curves = solver.loss_curves(scores[:, lo:hi], imp[:, lo:hi])  # (N, n+1)
-    return curves, np.full(N, min(floor, hi - lo), dtype=np.int64), n_protected
-
-
 def bench(N, T, args):
     """Time and print every step for N heads of T tokens; True when the heap's table equals the fast one."""
     imp, scores = realistic_inputs(N, T, args.noise, args.seed)
-    protection = (args.sink, args.window, args.min_share)
-    (curves, floors, n_protected), cpu, wall = timed(lambda: evictable_curves(imp, scores, *protection))
+    cfg = LUKVConfig(sink=args.sink, window=args.window, min_share=args.min_share)
+    (curves, floors, n_protected), cpu, wall = timed(lambda: head_curves(imp[None], scores[None], cfg))  # (1, N, T)
     print(f"\n{N} heads x {T} tokens ({curves.shape[1] - 1} evictable each, floor {floors[0]})")
     print(f"  loss_curves (all heads)                       cpu {cpu:7.2f} s   wall {wall:7.2f} s")
 
@@ -75,7 +61,7 @@ def bench(N, T, args):
           f"{len(segments[0])} segments")
     fast, fast_cpu, wall = timed(lambda: table(curves, N, "fast"), args.repeats)
     print(f"  fast: greedy_budget_table (99, {N})         cpu {fast_cpu:7.2f} s   wall {wall:7.2f} s")
-    _, cpu, wall = timed(lambda: table(evictable_curves(imp, scores, *protection)[0], N, "fast"), args.repeats)
+    _, cpu, wall = timed(lambda: table(head_curves(imp[None], scores[None], cfg)[0], N, "fast"), args.repeats)
     print(f"  fast: loss_curves + table                     cpu {cpu:7.2f} s   wall {wall:7.2f} s")
 
     rows = N if args.heap_heads <= 0 else min(N, args.heap_heads)
