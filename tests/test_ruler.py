@@ -1,10 +1,10 @@
 """
-Tests of ruler.py: determinism, the length bound in the model's own tokens (both prompt formats),
+Tests of experiments/ruler.py: determinism, the length bound in the model's own tokens (both prompt formats),
 a rule-based solver that finds every reference in the context alone, RULER's scoring on
 hand-worked answers, and bad input. Tokenizers: the shipped tiny.tiktoken and a small byte-level
 BPE with ChatML tokens built here (the chat format); test_hf.py checks SmolLM2's own tokenizer too.
 
-    python -m pytest -q test_ruler.py
+    python -m pytest -q tests/test_ruler.py
 """
 
 import os
