@@ -1,6 +1,6 @@
 """
 pytest setup shared by every test file: the Triton interpreter on CPU-only machines, hypothesis
-profiles, and the `slow` marker.
+profiles, the `slow` marker and the `tiny` tokenizer fixture.
 
     python -m pytest -q                              # fast: hypothesis profile "ci", slow tests skipped
     python -m pytest -q --run-slow                   # also the slow ones (torch.compile of every v2 case)
@@ -12,6 +12,7 @@ anything imports triton or kernels.py (Triton picks interpreter or compiler when
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -23,6 +24,13 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", max_examples=10, deadline=None, database=None)  # the default: a few per property
 settings.register_profile("thorough", max_examples=200, deadline=None, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The shipped tiny tokenizer (checkpoints/tiny.tiktoken), for every test that reads it."""
+    import tasks
+    return tasks.load_tokenizer(os.path.join(tasks.ROOT, "checkpoints", "tiny.tiktoken"))
 
 
 def pytest_addoption(parser):
@@ -38,7 +46,6 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--run-slow"):
         return
-    import pytest
     skip = pytest.mark.skip(reason="slow (torch.compile compiles each case); run with --run-slow")
     for item in items:
         if "slow" in item.keywords:

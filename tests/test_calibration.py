@@ -25,11 +25,6 @@ EVALUATION_SHAPES = ["special magic", tasks.needle("x", 1)[:28], "VAR ", "Docume
                      "Read the following coded text"]
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tasks.load_tokenizer(os.path.join(ROOT, "checkpoints", "tiny.tiktoken"))
-
-
 def chapters_of(text):
     """{1..7: the text of that chapter, heading included}."""
     parts = text.split("\nChapter ")[1:]

@@ -7,7 +7,6 @@ BPE with ChatML tokens built here (the chat format); test_hf.py checks SmolLM2's
     python -m pytest -q tests/test_ruler.py
 """
 
-import os
 import re
 from collections import Counter
 
@@ -16,18 +15,12 @@ import pytest
 import tasks
 from experiments import ruler
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LENGTHS = [1024, 2048]
 SLACK = 64  # tokens a prompt may fall short of its length: about one haystack unit (a noise line, a document)
 CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
           "system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' "
           "+ message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tasks.load_tokenizer(os.path.join(HERE, "checkpoints", "tiny.tiktoken"))
 
 
 @pytest.fixture(scope="module")
