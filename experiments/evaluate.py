@@ -360,6 +360,11 @@ def scorer_outputs(out, scorers):
     return {s: out if len(scorers) == 1 else out[: -len(".npy")] + f"_{s}.npy" for s in scorers}
 
 
+def intask_output(out, family):
+    """The --out of one family's in-task profile: out_intask_<family>.npy beside out (scorer_outputs splits it)."""
+    return out[: -len(".npy")] + f"_intask_{family}.npy"
+
+
 def profile_and_save(model, model_id, contexts, scorers, cfg, out, stop_ids, temperature=0.0, answer_only=False,
                      kind="", **extra):
     """Profile the contexts and write one table (+ sidecar, its kvpress line included) per scorer: {scorer: path}."""
@@ -679,7 +684,7 @@ def parse(argv=None):
     if (args.profile or args.intask or args.taskloss) and not args.out.endswith(".npy"):
         parser.error(f"--out {args.out}: expected a .npy file (several scorers: TABLE_<scorer>.npy beside it)")
     bases = ([args.out] if args.profile or args.taskloss else []) + \
-        ([args.out[:-4] + f"_intask_{f}.npy" for f in args.families] if args.intask else [])
+        ([intask_output(args.out, f) for f in args.families] if args.intask else [])
     for path in (p for base in bases for p in scorer_outputs(base, args.scorers).values()):  # what the run writes
         tasks.check_output(parser, path, ".npy", args.overwrite)
     if args.eval or args.full_cache or args.knockout or (args.from_json and "json" in args.given):
@@ -807,7 +812,7 @@ def main(argv=None):
         for family in args.families:
             contexts = [(item.context, [item.question]) for item in suite.items(family, args.calib_contexts or 8,
                                                                               args.length, INTASK_SEED)]
-            got = profile_and_save(model, model_id, contexts, args.scorers, cfg, args.out[:-4] + f"_intask_{family}.npy",
+            got = profile_and_save(model, model_id, contexts, args.scorers, cfg, intask_output(args.out, family),
                                    suite.stop_ids, kind=f"intask_{family}",
                                    calibration=f"in-task: {family}, seed {INTASK_SEED}, {len(contexts)} examples")
             report[family] = np.load(got[args.scorers[0]])
