@@ -9,8 +9,9 @@ scorer's order over the evictable tokens (solver.loss_curves), sink 4, window 16
 1% + sink + window (lukv.LUKVConfig's defaults; lukv.head_curves slices them off, as profiling
 does). Both methods build the (99, N) table of solver.greedy_budget_table from the same curves,
 in the same run, and must agree exactly: the curves are sums of float32 values in float64, so the
-heap gets them rounded onto their exact grid, as the fast one rounds them inside. Times are CPU seconds of this process (steadier than wall seconds on a shared machine;
-both are printed), best of --repeats for the fast method, once for the heap.
+heap gets them rounded onto their exact grid, as the fast one rounds them inside. Times are CPU
+seconds of this process (steadier than wall seconds on a shared machine; both are printed), best
+of --repeats for the fast method, once for the heap.
 """
 
 import os

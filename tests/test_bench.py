@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from bench import decode, kernels
+from test_bad_input import refusal  # (exit code, stderr) of a parse in-process
 
 
 @pytest.fixture(scope="module")
@@ -132,17 +133,6 @@ def test_hf_compiled_without_fullgraph_says_so(monkeypatch):
     assert torch.equal(tokens, decode.run_hf(hf, ids, 4)[1])
 
 
-def refusal(argv, parse=decode.parse):
-    """(exit code, stderr) of parse(argv), bench.decode's by default."""
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            parse(argv)
-        return 0, err.getvalue()
-    except SystemExit as e:
-        return e.code, err.getvalue()
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--models", "gpt5"], "--models: unknown"),
     (["--impls", "ours-full,hf-fast"], "--impls: unknown"),
@@ -161,7 +151,7 @@ def refusal(argv, parse=decode.parse):
 ])
 def test_parse_refuses_bad_arguments(argv, message):
     """A bad argument is refused before any work: exit code 2 and one line that names it."""
-    code, err = refusal(argv)
+    code, err = refusal(decode.parse, argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
 
 
@@ -178,16 +168,16 @@ SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_kernel_bench_refuses_bad_arguments(argv, message, tmp_path, monkeypatch):
     """bench.kernels checks its flags and its --out before any work (its rows take minutes of a card)."""
     monkeypatch.chdir(tmp_path)
-    code, err = refusal(argv, kernels.parse)
+    code, err = refusal(kernels.parse, argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, code, err)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_parse_refuses_cuda_without_a_card():
     """--device cuda on a machine without CUDA is refused at once, not after the model is built."""
-    code, err = refusal(["--device", "cuda"])
+    code, err = refusal(decode.parse, ["--device", "cuda"])
     assert code == 2 and "cuda" in err and len(err.strip().splitlines()) == 1, (code, err)
-    code, err = refusal(["--quick"], kernels.parse)
+    code, err = refusal(kernels.parse, ["--quick"])
     assert code == 2 and "needs a CUDA card" in err and len(err.strip().splitlines()) == 1, (code, err)
 
 
