@@ -264,14 +264,6 @@ def oracle_importance(model, cache, probe, q_ids, max_new, stop_ids=(), done=Non
 # 3. the bridge to the numpy solver: one context's loss curves and its [99, L, H] table
 
 
-def host_array(x):
-    """A numpy array of x: torch tensors come to the CPU (bf16 / fp16 widened to fp32, exactly)."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu()
-        return (x.float() if x.dtype in (torch.bfloat16, torch.float16) else x).numpy()
-    return np.asarray(x)
-
-
 def head_curves(imp, scores, cfg):
     """Loss curves (N, n+1) over the evictable tokens, greedy floors (N,) and protected tokens per head, N = L * H.
 
@@ -282,8 +274,9 @@ def head_curves(imp, scores, cfg):
         raise ValueError(f"expected T >= 1 tokens and scores of the oracle's shape {tuple(imp.shape)}, got "
                          f"{tuple(scores.shape)}")
     lo, hi = cfg.sink, max(cfg.sink, T - cfg.window)  # tokens [lo, hi) may be evicted
-    curves = solver.loss_curves(host_array(scores).reshape(L * H, T)[:, lo:hi],
-                                host_array(imp).reshape(L * H, T)[:, lo:hi])  # (N, n+1)
+    rows = [np.asarray(x.detach().float().cpu() if isinstance(x, torch.Tensor) else x).reshape(L * H, T)[:, lo:hi]
+            for x in (scores, imp)]  # numpy for the solver; bf16 / fp16 widen to float32 exactly
+    curves = solver.loss_curves(*rows)  # (N, n+1)
     floor = min(max(0, cfg.floor(T) - (T - (hi - lo))), hi - lo)  # evictable tokens each head keeps
     return curves, np.full(L * H, floor, dtype=np.int64), T - (hi - lo)
 
@@ -320,15 +313,6 @@ def calibration_tables(model, ctx_ids, questions, scorers, cfg, stop_ids=(), tem
     return tables
 
 
-def weights_key(model):
-    """The weights' dtype and device: both change the answers, so both name every saved record (int8 for linear
-    layers quantized by torch's dynamic quantization)."""
-    p = model.embed_tokens.weight
-    schemes = {str(m.weight().qscheme()).removeprefix("torch.") for m in model.modules()
-               if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}  # int8 layers, and how they are scaled
-    return f"{p.dtype}/{p.device.type}" + "".join(f"/int8 {s}" for s in sorted(schemes))
-
-
 @torch.no_grad()
 def profile(model, model_id, contexts, scorers, cfg, cache_dir, stop_ids=(), temperature=0.0, answer_only=False,
             log=tasks.progress):
@@ -341,7 +325,7 @@ def profile(model, model_id, contexts, scorers, cfg, cache_dir, stop_ids=(), tem
     os.makedirs(cache_dir, exist_ok=True)
     tables, computed, reused, t0 = {s: [] for s in scorers}, 0, 0, time.time()
     for i, (ctx_ids, questions) in enumerate(contexts):
-        blob = json.dumps([model_id, weights_key(model), ctx_ids, questions, asdict(cfg), sorted(stop_ids), temperature,
+        blob = json.dumps([model_id, model.weights_key(), ctx_ids, questions, asdict(cfg), sorted(stop_ids), temperature,
                            answer_only])
         key = hashlib.sha256(blob.encode()).hexdigest()[:24]
         paths = {s: os.path.join(cache_dir, f"{key}_{s}.npy") for s in scorers}
@@ -371,8 +355,7 @@ def profile_meta(scorer, model_id, cfg, **extra):
             "layout": "[99, n_layer, n_kv_head] prune ratios; row solver.row_of(ratio) (kvpress LUKVPress)", **extra}
 
 
-# what load_profile compares: the model, the scorer, the protected tokens, and each scorer's own settings
-PROFILE_CHECKS = ["sink", "window", "min_share"]
+# what load_profile compares beside the model, the scorer and its protected tokens: each scorer's own settings
 SCORER_CHECKS = {"snapkv": ["snap_window", "snap_kernel", "snap_pool"], "expected_attention": ["ea_epsilon", "ea_future"]}
 
 
@@ -386,7 +369,7 @@ def load_profile(path, scorer, model_id, shape, cfg):
     if meta.get("model") != model_id:
         raise ValueError(f"profile {path} was made for another model (id {meta.get('model')!r}; this one is "
                          f"{model_id!r}); profile this model with --profile --scorer {scorer}")
-    want = {"scorer": scorer, **{k: getattr(cfg, k) for k in PROFILE_CHECKS + SCORER_CHECKS.get(scorer, [])}}
+    want = {"scorer": scorer, **{k: getattr(cfg, k) for k in ["sink", "window", "min_share"] + SCORER_CHECKS.get(scorer, [])}}
     try:
         return solver.load_table(path, want, shape)
     except ValueError as e:
@@ -547,24 +530,6 @@ def load_tiny(path=DEFAULT_CHECKPOINT):
     return model, enc, header["meta"]
 
 
-def profile_path(checkpoint, scorer):
-    """Where the profile of a checkpoint and scorer lives: beside it, named by both (checkpoints/tiny_snapkv.npy)."""
-    stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"{stem}_{scorer}.npy")
-
-
-def heatmap(keep_frac, title):
-    """A layer x head heatmap of keep fractions drawn with block characters (darker = keeps more)."""
-    shades = " ░▒▓█"
-    L, H = keep_frac.shape
-    lines = [title, "        " + "".join(f"h{h:<3d}" for h in range(H)) + "   keep % per KV head"]
-    for l in range(L):
-        cells = "".join(shades[min(4, int(f * 5))] * 3 + " " for f in keep_frac[l])
-        lines.append(f"layer {l:2d} {cells}  " + " ".join(f"{100 * f:3.0f}" for f in keep_frac[l]))
-    lines.append("        scale: ' ' <20%  ░ <40%  ▒ <60%  ▓ <80%  █ >=80%")
-    return "\n".join(lines)
-
-
 @torch.no_grad()
 def demo(model, suite, profile, cfg, ratio=0.8, n=8, length=1024, seed=2, log=tasks.progress):
     """Exact match per family with the full cache and with each allocator at one ratio (SnapKV scores,
@@ -617,16 +582,15 @@ def parse(argv=None):
     args = parser.parse_args(argv)
     if not (args.demo or args.profile):
         parser.error("say what to do: --demo or --profile")
-    for name in ("n", "calib_contexts", "calib_questions", "horizon", "snap_window", "threads"):
+    lows = dict(n=1, calib_contexts=1, calib_questions=1, horizon=1, snap_window=1, threads=1, sink=0, window=0)
+    for name, low in lows.items():
         if getattr(args, name) is not None:
-            tasks.check_range(parser, "--" + name.replace("_", "-"), getattr(args, name), 1)
-    tasks.check_range(parser, "--sink", args.sink, 0)
-    tasks.check_range(parser, "--window", args.window, 0)
+            tasks.check_range(parser, "--" + name.replace("_", "-"), getattr(args, name), low)
     tasks.check_range(parser, "--length", args.length, 64, 4096 - 256)  # the tiny model's context less question + answer
     args.scorers = tasks.check_names(parser, "--scorers", args.scorers.split(","), [s for s in SCORERS if s != "streaming"])
     if not args.checkpoint.endswith(".pt") or not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint}: no such .pt file; the tiny model ships as checkpoints/tiny.pt")
-    args.out = {s: profile_path(os.path.join(args.out_dir, os.path.basename(args.checkpoint)), s) for s in args.scorers}
+    args.out = {s: tasks.profile_path(os.path.join(args.out_dir, os.path.basename(args.checkpoint)), s) for s in args.scorers}
     for path in args.out.values() if args.profile else []:
         tasks.check_output(parser, path, ".npy", args.overwrite)
     return parser, args
@@ -646,7 +610,7 @@ def main(argv=None):
           f"{model.cfg.n_layer} layers x {model.cfg.n_kv_head} KV heads, id {model_id})")
     if args.demo:  # the table is checked before the profile's work, not after it
         try:
-            table, _ = load_profile(profile_path(args.checkpoint, "snapkv"), "snapkv", model_id, shape, cfg)
+            table, _ = load_profile(tasks.profile_path(args.checkpoint, "snapkv"), "snapkv", model_id, shape, cfg)
         except (ValueError, FileNotFoundError) as e:
             parser.error(str(e))
     if args.profile:
@@ -654,14 +618,14 @@ def main(argv=None):
         tables, counts = profile(model, model_id, contexts, args.scorers, cfg,
                                  os.path.join(args.out_dir, "contexts.cache"), suite.stop_ids)
         for s, table in tables.items():
-            solver.save_table(args.out[s], table, profile_meta(s, model_id, cfg, kind="", weights=weights_key(model),
+            solver.save_table(args.out[s], table, profile_meta(s, model_id, cfg, kind="", weights=model.weights_key(),
                                                           calibration=f"tasks qa, {args.calib_contexts} contexts x "
                                                           f"{args.calib_questions} questions, {args.length} tokens, "
                                                           f"seed calibration-{args.calib_seed}", **counts))
             print(f"wrote {args.out[s]} and its .json sidecar")
     if args.demo:
         t0 = time.time()
-        print(heatmap(1 - table[solver.row_of(0.8)], "LU-KV budgets at 80% compression (SnapKV scorer): share of "
+        print(tasks.heatmap(1 - table[solver.row_of(0.8)], "LU-KV budgets at 80% compression (SnapKV scorer): share of "
                                                      "the context each head keeps"))
         print(demo(model, suite, table, cfg, 0.8, args.n, args.length, args.seed))
         print(f"demo took {time.time() - t0:.0f} s")

@@ -524,6 +524,14 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def weights_key(self):
+        """The weights' dtype and device: both change the answers, so both name every saved record (int8 for linear
+        layers quantized by torch's dynamic quantization)."""
+        p = self.embed_tokens.weight
+        schemes = {str(m.weight().qscheme()).removeprefix("torch.") for m in self.modules()
+                   if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)}  # int8 layers, and how they are scaled
+        return f"{p.dtype}/{p.device.type}" + "".join(f"/int8 {s}" for s in sorted(schemes))
+
     def forward(self, idx, targets=None, cache=None, probe=None, loss_weights=None, last_only=False):
         """idx (B, T) -> logits (B, T, V), or (B, 1, V) of the last position when last_only.
 

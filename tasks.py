@@ -594,6 +594,18 @@ def interval(scores):
     return m, max(0.0, m - half), min(1.0, m + half)  # normal, clipped to the scores' range
 
 
+def heatmap(keep_frac, title):
+    """A layer x head heatmap of keep fractions drawn with block characters (darker = keeps more)."""
+    shades = " ░▒▓█"
+    L, H = keep_frac.shape
+    lines = [title, "        " + "".join(f"h{h:<3d}" for h in range(H)) + "   keep % per KV head"]
+    for l in range(L):
+        cells = "".join(shades[min(4, int(f * 5))] * 3 + " " for f in keep_frac[l])
+        lines.append(f"layer {l:2d} {cells}  " + " ".join(f"{100 * f:3.0f}" for f in keep_frac[l]))
+    lines.append("        scale: ' ' <20%  ░ <40%  ▒ <60%  ▓ <80%  █ >=80%")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # command lines: every argument checked before any work, a bad one refused in one line (exit code 2)
 
@@ -612,6 +624,12 @@ def file_id(path):
     """A short id of a file: the sha256 of its bytes (a profile names the model file it belongs to)."""
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def profile_path(checkpoint, scorer):
+    """Where the profile of a checkpoint and scorer lives: beside it, named by both (checkpoints/tiny_snapkv.npy)."""
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f"{stem}_{scorer}.npy")
 
 
 class ArgumentParser(argparse.ArgumentParser):

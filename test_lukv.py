@@ -387,7 +387,7 @@ def test_batched_rows_answer_as_each_method_alone(shipped):
     method alone (a batch of one), and a ratio of 0 is the full cache exactly."""
     model, enc, _ = shipped
     cfg, suite = LUKVConfig(), tasks.TinySuite(enc)
-    table = lukv.load_profile(lukv.profile_path(CHECKPOINT, "snapkv"), "snapkv", tasks.file_id(CHECKPOINT),
+    table = lukv.load_profile(tasks.profile_path(CHECKPOINT, "snapkv"), "snapkv", tasks.file_id(CHECKPOINT),
                               (model.cfg.n_layer, model.cfg.n_kv_head), cfg)[0]
     item = suite.items("niah_multikey", 1, 512, 7)[0]
     methods = [Method("snapkv", a, r, table) for a in ("uniform", "pyramid", "adakv", "lukv", "oracle")
@@ -423,7 +423,7 @@ def test_shipped_profiles_belong_to_the_shipped_model(shipped):
     model, cfg = shipped[0], LUKVConfig()
     model_id, shape = tasks.file_id(CHECKPOINT), (model.cfg.n_layer, model.cfg.n_kv_head)
     for name in ["snapkv", "keydiff", "knorm", "expected_attention", "oracle", "taskloss_snapkv"]:
-        table, meta = lukv.load_profile(lukv.profile_path(CHECKPOINT, name), name.removeprefix("taskloss_"),
+        table, meta = lukv.load_profile(tasks.profile_path(CHECKPOINT, name), name.removeprefix("taskloss_"),
                                         model_id, shape, cfg)
         means = table.mean(axis=(1, 2))
         assert np.allclose(means[:90], np.arange(1, 91) / 100, atol=0.01), (name, means[:90])

@@ -137,7 +137,7 @@ def run_key(model, suite, model_id, ratios, pairs, length, seed, cfg, tables):
     run is never mixed in. The tables enter by their contents, the weights by dtype and device. The
     families and n are left out, since example i of a family is the same in any run: a grid split over
     processes (one family each) merges by concatenating their partial files."""
-    blob = json.dumps([type(suite).__name__, getattr(suite, "fmt", ""), model_id, lukv.weights_key(model), ratios,
+    blob = json.dumps([type(suite).__name__, getattr(suite, "fmt", ""), model_id, model.weights_key(), ratios,
                        pairs, length, seed, asdict(cfg), {k: [(n, sha(t), asdict(c)) for n, t, c in v] for k, v in sorted(tables.items())}])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -375,7 +375,7 @@ def profile_and_save(model, model_id, contexts, scorers, cfg, out, stop_ids, tem
     paths = scorer_outputs(out, scorers)
     for s, table in tables.items():
         path = paths[s]
-        meta = lukv.profile_meta(s, model_id, cfg, kind=kind, weights=lukv.weights_key(model), temperature=temperature,
+        meta = lukv.profile_meta(s, model_id, cfg, kind=kind, weights=model.weights_key(), temperature=temperature,
                                  answer_only=answer_only, **counts, **extra)
         solver.save_table(path, table, meta)
         meta["kvpress"] = peers.kvpress_usage(s, path, cfg)  # the line that hands this table to kvpress
@@ -831,7 +831,7 @@ def main(argv=None):
         ratios, use = ([0.8], [(args.scorers[0], a) for a in ("uniform", "pyramid", "adakv", "lukv")]) if args.demo \
             else (args.ratios if args.eval else [], pairs if args.eval else [])
         if args.demo:
-            print(lukv.heatmap(1 - tables[f"|{args.scorers[0]}"][0][1][solver.row_of(0.8)],
+            print(tasks.heatmap(1 - tables[f"|{args.scorers[0]}"][0][1][solver.row_of(0.8)],
                                f"LU-KV budgets at 80% compression ({args.scorers[0]}): share of the context each head keeps"))
         result = evaluate(model, suite, tables, families, ratios, use, n, args.length, args.seed, cfg, args.settings,
                           None if args.demo else args.json + ".partial.jsonl", model_id)

@@ -61,7 +61,7 @@ def test_every_allocator_keeps_a_fifth_at_80_percent_and_keep_all_is_the_full_ca
     (ratio 0) scores exactly as the full cache does on every example."""
     model, enc, _ = shipped
     cfg, shape = LUKVConfig(), (model.cfg.n_layer, model.cfg.n_kv_head)
-    tables = evaluate.load_tables([lukv.profile_path(CHECKPOINT, "snapkv")], tasks.file_id(CHECKPOINT), shape, cfg)
+    tables = evaluate.load_tables([tasks.profile_path(CHECKPOINT, "snapkv")], tasks.file_id(CHECKPOINT), shape, cfg)
     pairs = [("snapkv", a) for a in ("uniform", "pyramid", "adakv", "lukv")]
     res = evaluate.evaluate(model, tasks.TinySuite(enc), tables, ["niah_single", "qa"], [0.0, 0.8], pairs, 1, 512,
                             5, cfg, **QUIET)
@@ -148,7 +148,7 @@ def test_several_tables_of_one_scorer_are_one_row_each_with_their_own_window(shi
     model, enc, _ = shipped
     cfg, shape, model_id = LUKVConfig(), (model.cfg.n_layer, model.cfg.n_kv_head), tasks.file_id(CHECKPOINT)
     one = LUKVConfig(window=1)
-    table = lukv.load_profile(lukv.profile_path(CHECKPOINT, "keydiff"), "keydiff", model_id, shape, cfg)[0]
+    table = lukv.load_profile(tasks.profile_path(CHECKPOINT, "keydiff"), "keydiff", model_id, shape, cfg)[0]
     solver.save_table(str(tmp_path / "A.npy"), table, lukv.profile_meta("keydiff", model_id, cfg))
     solver.save_table(str(tmp_path / "B.npy"), table, lukv.profile_meta("keydiff", model_id, one))
     tables = evaluate.load_tables([str(tmp_path / "A.npy"), str(tmp_path / "B.npy")], model_id, shape, cfg)
@@ -166,7 +166,7 @@ def test_int8_weights_are_an_option_whose_records_never_mix_with_float32s(tmp_pa
     float32's (a resumed float32 run never reads them), and still gives the oracle its output projections."""
     model32, enc, model_id, suite = evaluate.load("tiny")
     model8 = evaluate.load("tiny", "int8")[0]
-    assert lukv.weights_key(model8) == "torch.float32/cpu/int8 per_channel_affine" != lukv.weights_key(model32)
+    assert model8.weights_key() == "torch.float32/cpu/int8 per_channel_affine" != model32.weights_key()
     assert not any(isinstance(m, torch.nn.Linear) for m in model8.modules())
     assert torch.allclose(model8.o_proj_heads(0), model32.o_proj_heads(0), atol=0.02)
     args = ([0.8], [("keydiff", "uniform")], 256, 5, LUKVConfig(), {})
@@ -223,7 +223,7 @@ def test_in_task_profiles_are_written_and_read_by_the_intask_allocator(tmp_path)
     """--intask writes one table per family (its sidecar of kind intask_<family>); --eval's intask allocator
     reads it through --table, and without it the run stops at once, naming the command that makes it."""
     common = ["--families", "niah_single", "--scorers", "snapkv", "--length", "256", "--threads", "1"]
-    calibration_table = lukv.profile_path(CHECKPOINT, "snapkv")
+    calibration_table = tasks.profile_path(CHECKPOINT, "snapkv")
     run = command("--eval", *common, "--allocators", "intask", "--n", "1", "--table", calibration_table, "--json",
                   tmp_path / "e.json")
     assert run.returncode == 2 and "--intask" in run.stderr and "Traceback" not in run.stderr, run.stderr
