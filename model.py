@@ -292,11 +292,10 @@ class KVCache:
         valid = torch.arange(K, device=self.device) < counts[..., None]  # (B, H, K)
         slots = kept_idx.to(self.device, torch.long).masked_fill(~valid, torch.iinfo(torch.long).max)
         ordered = torch.sort(slots, dim=-1).values  # (B, H, K) ascending, padding last: valid stays in front
-        if bool(((ordered < 0) | (ordered >= length[..., None]))[valid].any()):
-            raise ValueError(f"layer {layer}: kept slots must lie in [0, length) of their head; got min "
-                             f"{int(ordered[valid].min())}, max {int(ordered[valid].max())}, lengths {length.tolist()}")
-        if bool(((ordered[..., 1:] == ordered[..., :-1]) & valid[..., 1:]).any()):
-            raise ValueError(f"layer {layer}: kept slots of a head must be distinct; got duplicates")
+        outside = ((ordered < 0) | (ordered >= length[..., None]))[valid]
+        if bool(outside.any()) or bool(((ordered[..., 1:] == ordered[..., :-1]) & valid[..., 1:]).any()):
+            raise ValueError(f"layer {layer}: a head's kept slots must be distinct and lie in [0, its length); got "
+                             f"slots {int(ordered[valid].min())} .. {int(ordered[valid].max())} for lengths {length.tolist()}")
         self._move(layer, ordered.masked_fill(~valid, 0), counts, self.slack)
 
     def evict(self, layer, scores, counts, sink=0, window=0):
