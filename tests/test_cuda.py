@@ -271,8 +271,8 @@ def test_real_model_profile_and_eval_on_the_gpu_give_the_cpu_answers(llama_folde
         assert gap.max() <= 1 / T + 1e-6, gap.max()
     else:  # bf16 reorders near-tied tokens, and the greedy can move a hull segment with them: on average only
         assert gap.mean() <= 0.01 and gap.max() <= 0.15, (gap.mean(), gap.max())
-    bytes_per_row = 2 if dtype == torch.bfloat16 else 4  # the same rows; bf16 rows are half the bytes
-    for key, m in r_cpu["methods"].items():
-        assert m["kv_bytes"] * bytes_per_row / 4 == pytest.approx(r_gpu["methods"][key]["kv_bytes"], rel=0.02), key
+    bytes_per_row = 2 if dtype == torch.bfloat16 else 4  # bf16 rows are half the bytes
+    for key, m in r_cpu["methods"].items():  # every allocator keeps keep_count's total: the same rows on both
+        assert m["kv_bytes"] * bytes_per_row / 4 == r_gpu["methods"][key]["kv_bytes"], key
     if dtype == torch.float32:
         assert r_cpu["full"] == r_gpu["full"]
