@@ -975,7 +975,8 @@ def main(args):
 
 
 def save(path, env, args, rows):
-    record = dict(env=env, args=vars(args), command=" ".join(sys.argv), rows=rows)
+    command = "python -m bench.decode " + " ".join(sys.argv[1:])  # the module, not this machine's path to it
+    record = dict(env=env, args=vars(args), command=command, rows=rows)
     solver.write_atomic(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
