@@ -275,7 +275,7 @@ def head_curves(imp, scores, cfg):
                          f"{tuple(scores.shape)}")
     lo, hi = cfg.sink, max(cfg.sink, T - cfg.window)  # tokens [lo, hi) may be evicted
     rows = [np.asarray(x.detach().float().cpu() if isinstance(x, torch.Tensor) else x).reshape(L * H, T)[:, lo:hi]
-            for x in (scores, imp)]  # numpy for the solver; bf16 / fp16 widen to float32 exactly
+            for x in (scores, imp)]  # (N, n) each, numpy; tensors become float32 (bf16 / fp16 exactly)
     curves = solver.loss_curves(*rows)  # (N, n+1)
     floor = min(max(0, cfg.floor(T) - (T - (hi - lo))), hi - lo)  # evictable tokens each head keeps
     return curves, np.full(L * H, floor, dtype=np.int64), T - (hi - lo)
@@ -369,7 +369,8 @@ def load_profile(path, scorer, model_id, shape, cfg):
     if meta.get("model") != model_id:
         raise ValueError(f"profile {path} was made for another model (id {meta.get('model')!r}; this one is "
                          f"{model_id!r}); profile this model with --profile --scorer {scorer}")
-    want = {"scorer": scorer, **{k: getattr(cfg, k) for k in ["sink", "window", "min_share"] + SCORER_CHECKS.get(scorer, [])}}
+    settings = ["sink", "window", "min_share"] + SCORER_CHECKS.get(scorer, [])
+    want = {"scorer": scorer, **{k: getattr(cfg, k) for k in settings}}
     try:
         return solver.load_table(path, want, shape)
     except ValueError as e:
@@ -590,7 +591,8 @@ def parse(argv=None):
     args.scorers = tasks.check_names(parser, "--scorers", args.scorers.split(","), [s for s in SCORERS if s != "streaming"])
     if not args.checkpoint.endswith(".pt") or not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint}: no such .pt file; the tiny model ships as checkpoints/tiny.pt")
-    args.out = {s: tasks.profile_path(os.path.join(args.out_dir, os.path.basename(args.checkpoint)), s) for s in args.scorers}
+    stem = os.path.join(args.out_dir, os.path.basename(args.checkpoint))  # runs/profiles/tiny.pt -> tiny_<scorer>.npy
+    args.out = {s: tasks.profile_path(stem, s) for s in args.scorers}
     for path in args.out.values() if args.profile else []:
         tasks.check_output(parser, path, ".npy", args.overwrite)
     return parser, args

@@ -292,10 +292,11 @@ class KVCache:
         valid = torch.arange(K, device=self.device) < counts[..., None]  # (B, H, K)
         slots = kept_idx.to(self.device, torch.long).masked_fill(~valid, torch.iinfo(torch.long).max)
         ordered = torch.sort(slots, dim=-1).values  # (B, H, K) ascending, padding last: valid stays in front
-        outside = ((ordered < 0) | (ordered >= length[..., None]))[valid]
-        if bool(outside.any()) or bool(((ordered[..., 1:] == ordered[..., :-1]) & valid[..., 1:]).any()):
-            raise ValueError(f"layer {layer}: a head's kept slots must be distinct and lie in [0, its length); got "
-                             f"slots {int(ordered[valid].min())} .. {int(ordered[valid].max())} for lengths {length.tolist()}")
+        outside = bool(((ordered < 0) | (ordered >= length[..., None]))[valid].any())
+        if outside or bool(((ordered[..., 1:] == ordered[..., :-1]) & valid[..., 1:]).any()):
+            rule = "lie in [0, its length)" if outside else "be distinct"
+            raise ValueError(f"layer {layer}: a head's kept slots must {rule}; got slots {int(ordered[valid].min())} "
+                             f".. {int(ordered[valid].max())} for lengths {length.tolist()}")
         self._move(layer, ordered.masked_fill(~valid, 0), counts, self.slack)
 
     def evict(self, layer, scores, counts, sink=0, window=0):

@@ -1,5 +1,6 @@
 """
-The tokenizer and a RULER-style synthetic long-context task suite, all generated here.
+The tokenizer and a RULER-style synthetic long-context task suite, all generated here; beside them
+the small tools the commands share (intervals, the budget heatmap, file ids, checked command lines).
 
 Nothing is downloaded: a small byte-level BPE is trained on text this file generates and is
 loaded into `tiktoken.Encoding` (GPT-2's split pattern, one <|endoftext|> special token); the
@@ -576,6 +577,10 @@ class TinySuite:
         examples = [make_example("qa", rng, length, n_questions) for _ in range(n_contexts)]
         return [(self.enc.encode_ordinary(ex.context), [self.enc.encode_ordinary(q) for q, _ in ex.qa])
                 for ex in examples]
+
+
+# -----------------------------------------------------------------------------
+# reporting: a mean with its 95% interval, a budget heatmap
 
 
 def interval(scores):

@@ -975,8 +975,7 @@ def main(args):
 
 
 def save(path, env, args, rows):
-    command = "python -m bench.decode " + " ".join(sys.argv[1:])  # the module, not this machine's path to it
-    record = dict(env=env, args=vars(args), command=command, rows=rows)
+    record = dict(env=env, args=vars(args), command=args.command, rows=rows)
     solver.write_atomic(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
 
 
@@ -1016,6 +1015,7 @@ def parse(argv=None):
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", help="write every row here (a .json file, rewritten after each row)")
     args = parser.parse_args(argv)
+    args.command = "python -m bench.decode " + " ".join(sys.argv[1:] if argv is None else argv)  # as given
     defaults = dict(models="tiny", batch="1,2", new=8) if args.quick else \
         dict(models="smollm2-135m,llama3.1-8b", batch="1,8", new=128)
     for flag, value in defaults.items():

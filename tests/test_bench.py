@@ -36,6 +36,7 @@ def test_quick_rows_carry_bytes_and_roof_share(quick):
     roof = saved["env"]["roof_gbps"]
     assert roof > 0 and "copy" in saved["env"]["roof"]
     assert [r["impl"] for r in saved["rows"]] == ["ours-full", "ours-lukv", "hf-full", "hf-compiled"]
+    assert saved["command"].startswith("python -m bench.decode --quick --batch 1 ")  # the arguments given, no path
     for r in saved["rows"]:
         if r["impl"].startswith("hf") and r["status"] == "skipped":
             continue  # transformers missing: said in the row
