@@ -25,17 +25,19 @@ CHECKPOINT = os.path.join(HERE, "checkpoints", "tiny.pt")
 QUIET = dict(log=lambda *a, **k: None)
 
 
-def tiny_model(seed=0, vocab_size=97):
-    """A random 2-layer GQA model (4 query heads over 2 KV heads) for fast CPU tests."""
+def tiny_model(seed=0, n_kv_head=2, tie_embeddings=True, vocab_size=97, block_size=512):
+    """A random 2-layer GQA model (4 query heads over n_kv_head KV heads) for fast CPU tests; the tests in
+    tests/ use it too. (Tied, its greedy decode repeats the last token; untied, it wanders.)"""
     torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=vocab_size, block_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                    mlp_hidden=64)
+    cfg = GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=4, n_kv_head=n_kv_head,
+                    n_embd=32, mlp_hidden=64, tie_embeddings=tie_embeddings)
     return GPT(cfg).eval()
 
 
 def diff(a, b):
-    d = (a - b).abs()
-    return f"max diff {d.max().item():.3g}, mean diff {d.mean().item():.3g}"
+    """How far two tensors are apart, for an assertion's message (any dtype, any device)."""
+    d = (a.double().cpu() - b.double().cpu()).abs()
+    return f"max diff {d.max().item():.3g}, mean diff {d.mean().item():.3g}" if d.numel() else "empty"
 
 
 def oracle_of(model, ctx, q, cfg, max_new=4):

@@ -22,7 +22,7 @@ import solver
 import tasks
 from experiments import calibration, evaluate, hf
 from lukv import LUKVConfig
-from model import GPT, GPTConfig
+from test_lukv import tiny_model
 from test_hf import folders  # noqa: F401  (the module-scoped fixture of three small model folders)
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,13 +33,6 @@ QUIET = dict(log=lambda *a, **k: None)
 @pytest.fixture(scope="module")
 def shipped():
     return lukv.load_tiny(CHECKPOINT)
-
-
-def random_model(vocab_size, seed=0):
-    """A random 2-layer GQA model over the real tokenizer: fast, and the pipeline is the same."""
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                         mlp_hidden=64)).eval()
 
 
 def command(*args, cwd=HERE):
@@ -78,7 +71,7 @@ def test_an_interrupted_run_resumes_and_never_reuses_a_record_made_otherwise(shi
     uninterrupted run; a changed setting, weights' dtype or table CONTENT (same file, profiled again)
     recomputes every record instead of reusing the partial file's."""
     enc = shipped[1]
-    model, cfg, suite = random_model(shipped[0].cfg.vocab_size), LUKVConfig(), tasks.TinySuite(enc)
+    model, cfg, suite = tiny_model(vocab_size=shipped[0].cfg.vocab_size), LUKVConfig(), tasks.TinySuite(enc)
     table = {"|snapkv": [("t", (np.full((99, 2, 2), 0.5) * np.arange(1, 100)[:, None, None] / 50).clip(0, 1), cfg)]}
     args = (model, suite, table, ["niah_single", "vt"], [0.5], [("snapkv", "uniform"), ("snapkv", "lukv")], 2, 128,
             5, cfg)
@@ -110,7 +103,7 @@ def test_a_torn_last_line_is_dropped_and_the_next_record_kept(shipped, tmp_path)
     """A record cut mid-line by a kill is skipped on reading, and the next record appended after it lands on
     its own line (not glued to the cut one), so a resumed run loses only the cut record."""
     enc = shipped[1]
-    model, cfg, suite = random_model(shipped[0].cfg.vocab_size), LUKVConfig(), tasks.TinySuite(enc)
+    model, cfg, suite = tiny_model(vocab_size=shipped[0].cfg.vocab_size), LUKVConfig(), tasks.TinySuite(enc)
     args = (model, suite, {}, ["niah_single"], [0.5], [("snapkv", "uniform")], 2, 128, 5, cfg)
     partial = tmp_path / "p.jsonl"
     evaluate.evaluate(*args, partial=str(partial), **QUIET)
@@ -125,7 +118,7 @@ def test_a_grid_split_by_family_merges_into_the_whole(shipped, tmp_path, monkeyp
     """Two runs over one family each, their partial files concatenated, give a run over both families
     (and more examples) that recomputes only the examples neither ran, with the records of one whole run."""
     enc = shipped[1]
-    model, cfg, suite = random_model(shipped[0].cfg.vocab_size), LUKVConfig(), tasks.TinySuite(enc)
+    model, cfg, suite = tiny_model(vocab_size=shipped[0].cfg.vocab_size), LUKVConfig(), tasks.TinySuite(enc)
     rest = ([0.5], [("snapkv", "uniform")])
     calls, real_run = [], lukv.run_example
     monkeypatch.setattr(lukv, "run_example", lambda *a, **k: calls.append(a[2].family) or real_run(*a, **k))
@@ -193,7 +186,7 @@ def test_knockout_cuts_each_head_once_and_nothing_when_the_window_covers_the_con
     """knockout cuts exactly one head per row to sink + window (every head once per example); when sink +
     window covers the context nothing is cut and every head scores the full-cache accuracy."""
     enc = shipped[1]
-    model, suite = random_model(shipped[0].cfg.vocab_size), tasks.TinySuite(enc)
+    model, suite = tiny_model(vocab_size=shipped[0].cfg.vocab_size), tasks.TinySuite(enc)
     calls, real_compress = [], lukv.compress
 
     def recording_compress(cache, scores, counts):

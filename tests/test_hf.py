@@ -23,6 +23,7 @@ import tasks
 from experiments import hf
 from experiments.hf import hf_weight_files
 from model import rope_tables
+from test_lukv import diff
 
 transformers = pytest.importorskip("transformers", reason="pip install -r requirements-hf.txt")
 tokenizers = pytest.importorskip("tokenizers", reason="pip install -r requirements-hf.txt")
@@ -90,10 +91,6 @@ def load(folder):
     return hf.load_model(folder)[0]
 
 
-def max_diff(a, b):
-    return f"max |diff| {(a - b).abs().max().item():.3g}, mean {(a - b).abs().mean().item():.3g}"
-
-
 # -----------------------------------------------------------------------------
 # loading: the same logits as transformers
 
@@ -108,10 +105,10 @@ def test_logits_match_transformers(folders, family):
     with torch.no_grad():
         expected = ref(ids).logits
         got = ours(ids)
-        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), f"{family} uncached: {max_diff(got, expected)}"
+        assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), f"{family} uncached: {diff(got, expected)}"
         cache = ours.new_cache(2)
         decoded = torch.cat([ours(ids[:, :100], cache=cache), ours(ids[:, 100:], cache=cache)], dim=1)
-    assert torch.allclose(decoded, expected, atol=1e-4, rtol=1e-4), f"{family} cached: {max_diff(decoded, expected)}"
+    assert torch.allclose(decoded, expected, atol=1e-4, rtol=1e-4), f"{family} cached: {diff(decoded, expected)}"
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -339,7 +336,7 @@ def test_gguf_of_a_folder_loads_the_same_model(folders, family, tmp_path):
     assert model_id == hf.gguf_id(path) and enc.n_vocab == hf.model_tokenizer(folder).n_vocab
     theirs = from_folder.state_dict()
     for name, p in from_gguf.state_dict().items():
-        assert torch.equal(p, theirs[name]), f"{family} {name}: {max_diff(p, theirs[name])}"
+        assert torch.equal(p, theirs[name]), f"{family} {name}: {diff(p, theirs[name])}"
     a, b = from_folder.cfg, from_gguf.cfg
     assert (a.n_head, a.n_kv_head, a.head_dim, a.tie_embeddings, a.qkv_bias) == \
         (b.n_head, b.n_kv_head, b.head_dim, b.tie_embeddings, b.qkv_bias)
@@ -347,7 +344,7 @@ def test_gguf_of_a_folder_loads_the_same_model(folders, family, tmp_path):
     ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         got, expected = from_gguf(ids), from_folder(ids)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), f"{family}: {max_diff(got, expected)}"
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), f"{family}: {diff(got, expected)}"
 
 
 def small_model(family, vocab_size):
@@ -389,7 +386,7 @@ def test_gguf_logits_and_tokens_match_transformers(small_ggufs, family):
     ids = torch.randint(0, ours.cfg.vocab_size, (2, 100), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         got, expected = ours(ids), ref(ids).logits
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), f"{family}: {max_diff(got, expected)}"
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), f"{family}: {diff(got, expected)}"
     assert enc.encode(TEXT) == tok.encode(TEXT, add_special_tokens=False)
     # ordinary text spells "<|im_end|>" out (tiktoken's encode_ordinary); encode reads it as the special token
     assert enc.end_of_turn_id not in enc.encode_ordinary(TEXT) and enc.end_of_turn_id in enc.encode(TEXT)
@@ -529,7 +526,7 @@ def test_smollm2_matches_transformers(smollm2):
     assert ids == tok.encode(enc.decode(ids), add_special_tokens=False)
     with torch.no_grad():
         got, expected = ours(torch.tensor([ids])), ref(torch.tensor([ids])).logits
-    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), f"SmolLM2: {max_diff(got, expected)}"
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4), f"SmolLM2: {diff(got, expected)}"
     assert enc.encode(TEXT) == tok.encode(TEXT, add_special_tokens=False)
     assert enc.decode(enc.encode_ordinary(TEXT)) == TEXT
     chat = [{"role": "user", "content": "What is the pass key?"}]

@@ -16,6 +16,7 @@ from hypothesis.strategies import composite
 import kernels
 from kernels import APPEND, DECODE, EVICT, PackedKV, append_, decode_attention, evict
 from model import GPT, GPTConfig, KVCache
+from test_lukv import diff
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -46,11 +47,6 @@ def _v2_compiles_here(request):
         ok, why = kernels.v2_available(DEV)
         if not ok:
             pytest.skip(f"torch.compile unavailable: {why}")
-
-
-def diff(a, b):
-    d = (a.double().cpu() - b.double().cpu()).abs()
-    return f"max diff {d.max().item():.3g}, mean diff {d.mean().item():.3g}" if d.numel() else "empty"
 
 
 def same(a, b):

@@ -12,24 +12,11 @@ from hypothesis import strategies as st
 from hypothesis.strategies import composite
 
 import kernels
-from model import GPT, GPTConfig, KVCache, Probe, load_checkpoint, save_checkpoint
+from model import KVCache, Probe, load_checkpoint, save_checkpoint
+from test_lukv import diff, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(ROOT, "checkpoints", "tiny.tiktoken")
-
-
-def tiny_model(seed=0, n_kv_head=2, tie_embeddings=True):
-    """A random 2-layer GQA model (4 query heads over n_kv_head KV heads) for fast CPU tests. (Tied, its greedy
-    decode repeats the last token; untied, it wanders.)"""
-    torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=97, block_size=256, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=32,
-                    mlp_hidden=64, tie_embeddings=tie_embeddings)
-    return GPT(cfg).eval()
-
-
-def diff(a, b):
-    d = (a.double() - b.double()).abs()
-    return f"max diff {d.max().item():.3g}, mean diff {d.mean().item():.3g}"
 
 
 def held(cache, layer, b, h):
@@ -163,7 +150,7 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
 
 def test_prompt_longer_than_context_is_refused():
     """A prompt past block_size names both lengths instead of indexing out of the RoPE table."""
-    model = tiny_model()
+    model = tiny_model(block_size=256)
     with pytest.raises(ValueError, match="exceeds the model's context of 256"):
         model(torch.zeros(1, 300, dtype=torch.long))
 

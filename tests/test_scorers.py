@@ -13,7 +13,8 @@ import baselines
 import lukv
 import solver
 from lukv import LUKVConfig, allocate
-from model import GPT, GPTConfig, KVCache, Probe, apply_rope
+from model import GPTConfig, KVCache, Probe, apply_rope
+from test_lukv import tiny_model
 
 NO_PROTECTION = dict(sink=0, window=0, min_share=0.0)
 
@@ -129,13 +130,6 @@ def test_expected_attention_known_answer():
     p = 1 / (1 + math.exp(1.5))
     want = torch.tensor([[[(p + 0.02) * 5, (1 - p + 0.02) * 1]]])
     assert torch.allclose(got, want, atol=1e-6), diff(got, want)
-
-
-def tiny_model(seed=0):
-    """A random 2-layer GQA model (4 query heads over 2 KV heads) for fast CPU tests."""
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=97, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-                         mlp_hidden=64)).eval()
 
 
 def test_probe_records_the_pre_rope_query_statistics():

@@ -14,17 +14,11 @@ from hypothesis import strategies as st
 
 import lukv
 import tasks
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import load_checkpoint, save_checkpoint
+from test_lukv import tiny_model
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER = os.path.join(HERE, "checkpoints", "tiny.tiktoken")
-
-
-def tiny_model(seed=0):
-    """A random 2-layer GQA model (4 query heads over 2 KV heads) for fast CPU tests."""
-    torch.manual_seed(seed)
-    cfg = GPTConfig(vocab_size=97, block_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=64)
-    return GPT(cfg).eval()
 
 
 # -----------------------------------------------------------------------------
